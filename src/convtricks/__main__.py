@@ -1,0 +1,5 @@
+import sys
+
+from convtricks.cli import main
+
+sys.exit(main())

@@ -1,0 +1,247 @@
+"""One training loop for every recipe: stages, freezing, augmentation, checkpoints, history.
+
+Everything random follows from (seed, epoch), so an interrupted run resumed from its last
+checkpoint produces the same history as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from convtricks.errors import UserError
+from convtricks.train import batches
+from convtricks.train.checkpoint import save_checkpoint, save_weights
+from convtricks.train.features import base_is_frozen, extract_features
+from convtricks.train.freezing import freeze_except, set_train_mode
+from convtricks.train.history import keras_line, write_history
+from convtricks.train.optim import lr_factor, make_optimizer
+
+log = logging.getLogger("convtricks")
+
+DROPOUT, AUGMENT = 1, 2  # purposes of the per-epoch seeds
+
+
+@dataclass
+class Batcher:
+    """Turns uint8 image batches into model input: rescale, memory format, device."""
+
+    rescale: float
+    device: torch.device
+    channels_last: bool
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        batch = images.to(self.device, non_blocking=True).float().mul_(self.rescale)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+
+
+@dataclass
+class TrainingState:
+    epoch: int = 0  # epochs completed
+    history: list[dict] = field(default_factory=list)
+    best: float | None = None
+    optimizer: dict | None = None
+    stage: int = -1
+    ema: dict | None = None
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def predict_logits(forward: Callable, inputs: torch.Tensor, to_input: Callable, batch_size: int,
+                   precision: str, device: torch.device, tta: bool = False) -> torch.Tensor:
+    """Outputs for every input, in order; `tta` averages with the horizontal mirror."""
+    chunks = []
+    for start in range(0, inputs.shape[0], batch_size):
+        batch = to_input(inputs[start:start + batch_size])
+        with autocast_for(device, precision):
+            outputs = forward(batch)
+            if tta:
+                outputs = (outputs + forward(batch.flip(-1))) / 2
+        chunks.append(outputs.float().cpu())
+    return torch.cat(chunks)
+
+
+def measure(task, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    sums = task.batch_stats(logits, targets)
+    return {name: value / len(targets) for name, value in sums.items()}
+
+
+class StagePlan:
+    def __init__(self, stages: list[dict]):
+        self.stages = stages
+        self.starts = []
+        total = 0
+        for stage in stages:
+            self.starts.append(total)
+            total += stage["epochs"]
+        self.total_epochs = total
+
+    def locate(self, epoch: int) -> tuple[int, dict, int]:
+        """(stage index, stage, epoch within the stage) for a global 0-based epoch."""
+        for index in reversed(range(len(self.stages))):
+            if epoch >= self.starts[index] and self.stages[index]["epochs"] > 0:
+                return index, self.stages[index], epoch - self.starts[index]
+        raise IndexError(epoch)
+
+
+def check_finetune_order(model: torch.nn.Module, stages: list[dict]) -> None:
+    """Refuse to train a pretrained base under a random top in the first stage (the lecture's
+    reason: the random top's large gradients would wreck the pretrained features)."""
+    if not getattr(model, "pretrained_base", False) or not stages:
+        return
+    first = stages[0]
+    if first.get("force_finetune"):
+        return
+    freeze_except(model, first["trainable"])
+    if any(p.requires_grad for p in model.base.parameters()):
+        raise UserError(
+            "The first stage would fine-tune the pretrained base under a randomly initialised top, whose "
+            "large gradients destroy the pretrained features; train the top alone first (trainable: "
+            "['top.*']) or set force_finetune: true."
+        )
+
+
+def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run_dir: Path,
+        state: TrainingState, augment_config=None, on_epoch: Callable | None = None) -> TrainingState:
+    """Train `model` through `stages`, checkpointing after every epoch into `run_dir`.
+
+    `train_set`/`val_set` have `.images` (uint8 N,3,H,W) and `.targets`; `settings` carries
+    device, rescale, batch sizes and the seed; `state` is fresh or loaded from a checkpoint.
+    """
+    plan = StagePlan(stages)
+    device = settings["device"]
+    seed = settings["seed"]
+    to_input = Batcher(settings["rescale"], device, settings["channels_last"])
+    batch_size, val_batch_size = settings["batch_size"], settings["val_batch_size"]
+    val_images, val_targets = val_set.images, val_set.targets
+    if settings.get("validation_steps"):
+        keep = settings["validation_steps"] * val_batch_size
+        val_images, val_targets = val_images[:keep], val_targets[:keep]
+
+    ema = None
+    current_stage = -1
+    optimizer = None
+    features = None  # (train features, val features) while a stage trains the top alone
+
+    for epoch in range(state.epoch, plan.total_epochs):
+        stage_index, stage, epoch_in_stage = plan.locate(epoch)
+        if stage_index != current_stage:
+            n_trainable, n_frozen = freeze_except(model, stage["trainable"])
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = make_optimizer(params, stage)
+            if state.optimizer is not None and state.stage == stage_index:
+                optimizer.load_state_dict(state.optimizer)
+            state.optimizer = None
+            log.info("Stage '%s': %s trainable, %s frozen parameters, %s %.0e, %d epochs.", stage["name"],
+                     f"{n_trainable:,}", f"{n_frozen:,}", stage["optimizer"], stage["lr"], stage["epochs"])
+            augmenting = bool(augment_config is not None and augment_config.enabled and stage["augment"])
+            features = None
+            if stage["feature_cache"] and not augmenting and base_is_frozen(model):
+                started = time.perf_counter()
+                with autocast_for(device, stage["precision"]):
+                    features = (
+                        extract_features(model, train_set.images, to_input, val_batch_size, train_set.key, settings["cache"]),
+                        extract_features(model, val_images, to_input, val_batch_size, val_set.key, settings["cache"]),
+                    )
+                log.info("Base frozen and no augmentation: training the top on cached base features "
+                         "(%d + %d images, %.1f s).", len(features[0]), len(features[1]), time.perf_counter() - started)
+            if stage["ema"] and (ema is None):
+                ema = torch.optim.swa_utils.AveragedModel(
+                    model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(stage["ema"]), use_buffers=True)
+                if state.ema is not None:
+                    ema.load_state_dict(state.ema)
+            current_stage = stage_index
+
+        steps = batches.steps_for(len(train_set.images), batch_size, stage["steps_per_epoch"])
+        total_steps = steps * stage["epochs"]
+        torch.manual_seed(batches.epoch_seed(seed, epoch, DROPOUT))
+        augment_generator = torch.Generator().manual_seed(batches.epoch_seed(seed, epoch, AUGMENT))
+        train_inputs = features[0] if features else train_set.images
+        forward = model.forward_head if features else model
+        set_train_mode(model, True)
+
+        started = time.perf_counter()
+        sums = {}
+        seen = 0
+        grad_sums: dict[str, float] = {}
+        for step, indices in enumerate(batches.epoch_batches(len(train_inputs), batch_size, steps, seed, epoch)):
+            for group in optimizer.param_groups:
+                group["lr"] = stage["lr"] * lr_factor(stage["schedule"], epoch_in_stage * steps + step, total_steps)
+            if features:
+                inputs = train_inputs[indices].to(device)
+            else:
+                inputs = to_input(train_inputs[indices])
+                if augmenting:
+                    from convtricks.data.augment import augment_batch
+
+                    inputs = augment_batch(inputs, augment_config, augment_generator)
+            targets = train_set.targets[indices].to(device)
+            with autocast_for(device, stage["precision"]):
+                outputs = forward(inputs)
+            loss = task.loss(outputs, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if stage["grad_norms"]:
+                from convtricks.models.deep import gradient_norms
+
+                for name, value in gradient_norms(model).items():
+                    grad_sums[name] = grad_sums.get(name, 0.0) + value
+            optimizer.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs
+            for name, value in task.batch_stats(logits.detach(), targets).items():
+                sums[name] = sums.get(name, 0.0) + value
+            seen += len(indices)
+        train_seconds = time.perf_counter() - started
+
+        evaluated = ema.module if ema is not None else model
+        set_train_mode(evaluated, False)
+        if features:
+            val_logits = predict_logits(evaluated.forward_head, features[1], lambda x: x.to(device), val_batch_size,
+                                        stage["precision"], device)
+        else:
+            val_logits = predict_logits(evaluated, val_images, to_input, val_batch_size, stage["precision"], device,
+                                        tta=stage["tta"])
+        val_metrics = measure(task, val_logits, val_targets)
+        seconds = time.perf_counter() - started
+
+        row = {"epoch": epoch + 1, "stage": stage["name"], "lr": optimizer.param_groups[0]["lr"]}
+        row.update({name: value / seen for name, value in sums.items()})
+        row.update({f"val_{name}": value for name, value in val_metrics.items()})
+        row.update({"seconds": round(seconds, 3), "train_images_per_s": round(seen / train_seconds, 1)})
+        row.update({f"grad_{name}": value / steps for name, value in grad_sums.items()})
+        state.history.append(row)
+        log.info(keras_line(row, plan.total_epochs, task.metric_names))
+
+        monitored = row.get(task.monitor)
+        if monitored is not None and (state.best is None or monitored > state.best):
+            state.best = monitored
+            save_weights(run_dir / "best.safetensors", evaluated)
+        state.epoch = epoch + 1
+        state.stage = stage_index
+        save_checkpoint(run_dir / "checkpoint.pt", {
+            "epoch": state.epoch, "stage": stage_index, "history": state.history, "best": state.best,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+        })
+        write_history(run_dir, state.history)
+        if on_epoch:
+            on_epoch(state)
+
+    final = ema.module if ema is not None else model
+    save_weights(run_dir / "model.safetensors", final)
+    return state

@@ -1,0 +1,213 @@
+"""A run folder from start to finish: data, model, task, fit, final numbers, curves.
+
+runs/<recipe>-<time>/ holds config.yaml (enough to rerun), history.csv/json, curves.png,
+model.safetensors, best.safetensors, checkpoint.pt, metrics.json and log.txt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import yaml
+
+from convtricks import config as recipes
+from convtricks.atomic import write_text
+from convtricks.data.dataset import load_image_set
+from convtricks.errors import UserError
+from convtricks.models.registry import create_model
+from convtricks.train.checkpoint import load_checkpoint, load_weights
+from convtricks.train.fit import Batcher, TrainingState, check_finetune_order, fit, measure, predict_logits
+from convtricks.train.freezing import set_train_mode
+from convtricks.train.tasks import BinaryTask, CategoricalTask
+
+log = logging.getLogger("convtricks")
+
+
+@dataclass
+class LabelledTensors:
+    images: torch.Tensor
+    targets: torch.Tensor
+    key: str  # content key, for feature caches
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda was asked for, but no CUDA GPU is available; use --device cpu.")
+    return torch.device(name)
+
+
+def set_threads(threads: int | None) -> None:
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+
+
+def new_run_dir(runs_dir: Path, recipe_name: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(runs_dir) / f"{recipe_name}-{stamp}"
+    suffix = 1
+    while run_dir.exists():  # never reuse (and so never overwrite) an earlier run's folder
+        suffix += 1
+        run_dir = Path(runs_dir) / f"{recipe_name}-{stamp}-{suffix}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def task_for(config: dict, classes: list[str]):
+    mode = config["data"]["class_mode"]
+    smoothing = config["train"]["label_smoothing"]
+    if mode == "binary":
+        if len(classes) != 2:
+            raise UserError(f"class_mode binary needs exactly two classes, found {len(classes)} "
+                            f"({', '.join(classes)}); use --class_mode categorical.")
+        return BinaryTask(smoothing), 1
+    if mode == "categorical":
+        return CategoricalTask(smoothing), len(classes)
+    raise UserError(f"class_mode must be binary or categorical, got {mode}.")
+
+
+def build_model(config: dict, num_outputs: int) -> torch.nn.Module:
+    options = dict(config["model"])
+    name = options.pop("name")
+    options.setdefault("input_size", list(config["data"]["target_size"]))
+    options.setdefault("num_outputs", num_outputs)
+    return create_model(name, **options)
+
+
+def load_split(data_dir: Path, split: str, config: dict, classes: list[str] | None = None,
+               required: bool = True):
+    folder = Path(data_dir) / split
+    if not folder.exists():
+        if required:
+            raise UserError(f"{folder} does not exist; `convtricks prepare --out {data_dir}` builds the "
+                            "train/validation/test folders.")
+        return None
+    image_set = load_image_set(folder, config["data"]["target_size"], use_cache=config["data"]["cache"])
+    if classes is not None and image_set.classes != classes:
+        raise UserError(f"{folder} has classes {image_set.classes}, but the model was trained on {classes}.")
+    return image_set
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def start(config: dict, data_dir: Path, runs_dir: Path) -> Path:
+    """Create a run folder with its resolved recipe; `train_run` then trains it."""
+    config = dict(config)
+    config["data"] = {**config["data"], "dir": str(Path(data_dir).resolve())}
+    run_dir = new_run_dir(runs_dir, config["recipe"])
+    write_text(run_dir / "config.yaml", recipes.dump(config))
+    return run_dir
+
+
+def read_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise UserError(f"{run_dir} is not a run folder (it has no config.yaml).")
+    loaded = yaml.safe_load(path.read_text())
+    data_dir = loaded.get("data", {}).pop("dir", None)
+    config = recipes.resolve(loaded)
+    config["data"]["dir"] = data_dir
+    return config
+
+
+def train_run(run_dir: Path, resume: bool = False) -> dict:
+    """Train (or continue) the run in `run_dir`; returns its metrics."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    train_cfg = config["train"]
+    set_threads(train_cfg["threads"])
+    device = pick_device(train_cfg["device"])
+    data_dir = Path(config["data"]["dir"])
+    loading = time.perf_counter()
+    train_images = load_split(data_dir, "train", config)
+    val_images = load_split(data_dir, "validation", config, train_images.classes)
+    log.info("Found %d training images and %d validation images in %d classes (%s); decoded in %.1f s.",
+             len(train_images), len(val_images), len(train_images.classes), ", ".join(train_images.classes),
+             time.perf_counter() - loading)
+    task, num_outputs = task_for(config, train_images.classes)
+    write_text(run_dir / "classes.json", json.dumps(train_images.classes))
+
+    torch.manual_seed(train_cfg["seed"])  # the initial weights follow from the seed
+    model = build_model(config, num_outputs).to(device)
+    if train_cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    stages = recipes.stage_plan(config)
+
+    state = TrainingState()
+    if resume:
+        saved = load_checkpoint(run_dir / "checkpoint.pt")
+        model.load_state_dict(saved["model"])
+        state = TrainingState(epoch=saved["epoch"], history=saved["history"], best=saved["best"],
+                              optimizer=saved["optimizer"], stage=saved["stage"], ema=saved.get("ema"))
+        log.info("Resuming %s after epoch %d.", run_dir.name, state.epoch)
+    else:
+        check_finetune_order(model, stages)
+
+    augment_config = None
+    if config["augment"]:
+        from convtricks.data.augment import AugmentConfig
+
+        augment_config = AugmentConfig.from_dict(config["augment"])
+
+    settings = {
+        "device": device, "seed": train_cfg["seed"], "rescale": config["data"]["rescale"],
+        "channels_last": train_cfg["channels_last"], "batch_size": config["data"]["batch_size"],
+        "val_batch_size": config["data"]["val_batch_size"], "validation_steps": train_cfg["validation_steps"],
+        "cache": config["data"]["cache"],
+    }
+    train_set = LabelledTensors(train_images.images, train_images.labels, train_images.cache_key)
+    val_set = LabelledTensors(val_images.images, val_images.labels, val_images.cache_key)
+    started = time.perf_counter()
+    state = fit(model, task, train_set, val_set, stages, settings, run_dir, state, augment_config)
+    train_seconds = time.perf_counter() - started
+    load_weights(run_dir / "model.safetensors", model)  # judge exactly what was saved (EMA, if on)
+
+    metrics = final_metrics(config, model, task, state, data_dir, train_images.classes, settings)
+    metrics.update({
+        "train_seconds_this_session": round(train_seconds, 1),
+        "mean_epoch_seconds": round(sum(r["seconds"] for r in state.history) / max(1, len(state.history)), 2),
+        "train_images_per_s": _median([r["train_images_per_s"] for r in state.history]),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__}, {device}",
+    })
+    write_text(run_dir / "metrics.json", json.dumps(metrics, indent=1))
+    from convtricks.report.curves import plot_history
+
+    plot_history(state.history, run_dir / "curves.png", title=config["recipe"])
+    return metrics
+
+
+def _median(values):
+    values = sorted(values)
+    return values[len(values) // 2] if values else None
+
+
+def final_metrics(config, model, task, state, data_dir, classes, settings) -> dict:
+    """Last epoch's numbers, plus the test split's (images the model never saw) when present."""
+    last = state.history[-1] if state.history else {}
+    metrics = {"recipe": config["recipe"], "classes": classes, "epochs": state.epoch}
+    metrics.update({key: last[key] for key in last if key not in ("epoch", "stage", "lr", "seconds")})
+    metrics["best_val"] = state.best
+    test_images = load_split(data_dir, "test", config, classes, required=False)
+    if test_images is not None:
+        set_train_mode(model, False)
+        to_input = Batcher(settings["rescale"], settings["device"], settings["channels_last"])
+        logits = predict_logits(model, test_images.images, to_input, settings["val_batch_size"],
+                                config["train"]["precision"], settings["device"], tta=config["train"]["tta"])
+        for name, value in measure(task, logits, test_images.labels).items():
+            metrics[f"test_{name}"] = value
+        metrics["test_images"] = len(test_images)
+        log.info("Test (%d images never seen in training): %s.", len(test_images),
+                 ", ".join(f"{k[5:]} {metrics[k]:.4f}" for k in metrics if k.startswith("test_") and k != "test_images"))
+    return metrics
