@@ -76,6 +76,9 @@ def cmd_summary(args, extra) -> int:
     from convtricks.train.freezing import freeze_except
     from convtricks.train.run import build_model
 
+    if args.model not in model_names() and args.model not in recipes.recipe_names() and not Path(args.model).exists():
+        raise UserError(f"Unknown model or recipe '{args.model}'; models: {', '.join(model_names())}; "
+                        f"recipes: {', '.join(recipes.recipe_names())}.")
     if args.model in model_names():
         config = recipes.apply_overrides({"model": {"name": args.model}}, _overrides(extra))
         if "input_size" in config["model"]:
@@ -127,7 +130,10 @@ def cmd_train(args, extra) -> int:
 
 def cmd_evaluate(args, extra) -> int:
     from convtricks.inference import confusion_text, evaluate, load_run
+    from convtricks.train import ensemble
 
+    if ensemble.is_ensemble(Path(args.run)):
+        return ensemble.evaluate_command(Path(args.run), args.data, args.weights, args.json)
     run = load_run(Path(args.run), args.weights)
     data_dir = Path(args.data) if args.data else Path(run.config["data"]["dir"]) / "test"
     if (data_dir / "test").is_dir() and (data_dir / "train").is_dir():
@@ -142,7 +148,10 @@ def cmd_evaluate(args, extra) -> int:
 
 def cmd_predict(args, extra) -> int:
     from convtricks.inference import load_run, predict, write_kaggle_csv
+    from convtricks.train import ensemble
 
+    if ensemble.is_ensemble(Path(args.run)):
+        return ensemble.predict_command(Path(args.run), args.target, args.weights, args.csv)
     run = load_run(Path(args.run), args.weights)
     rows = predict(run, Path(args.target))
     for row in rows:
@@ -151,6 +160,23 @@ def cmd_predict(args, extra) -> int:
         write_kaggle_csv(rows, Path(args.csv))
         log.info("Wrote %d predictions to %s (id,label = probability of %s).", len(rows), args.csv, run.classes[-1])
     return 0
+
+
+def cmd_ensemble(args, extra) -> int:
+    from convtricks.train import ensemble
+
+    if args.resume:
+        if args.recipe or extra or args.vary:
+            raise UserError("--resume continues an ensemble exactly as it was planned; give no recipe, --vary or overrides.")
+        return ensemble.run_ensemble(resume=Path(args.resume), parallel=args.parallel)
+    if not args.recipe or not args.vary:
+        raise UserError("Name a recipe and --vary data|seed|model|optimizer (or --resume ENSEMBLE).")
+    return ensemble.run_ensemble(
+        _resolved_recipe(args.recipe, extra), Path(args.data) if args.data else DEFAULT_DATA, Path(args.runs),
+        vary=args.vary, members=args.members, disjoint=args.disjoint, parallel=args.parallel,
+        models=ensemble.parse_names(args.models) if args.models is not None else None,
+        optimizers=ensemble.parse_optimizers(args.optimizers) if args.optimizers is not None else None,
+        out=Path(args.out) if args.out else None)
 
 
 def cmd_augment_preview(args, extra) -> int:
@@ -215,6 +241,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its checkpoint")
     p.set_defaults(handler=cmd_train)
 
+    # allow_abbrev off: recipe overrides such as --optimizer must not be taken for --optimizers.
+    p = commands.add_parser("ensemble", allow_abbrev=False,
+                            help="trick 4: train members that differ in one thing, then vote; recipe keys follow as --key value")
+    p.add_argument("recipe", nargs="?")
+    p.add_argument("--vary", choices=["data", "seed", "model", "optimizer"],
+                   help="data: bagging (bootstrap samples); seed: initialization and batch order; model; optimizer")
+    p.add_argument("--members", type=int, help="how many (default 3, or one per --models / --optimizers entry)")
+    p.add_argument("--models", help="--vary model: comma-separated model names, e.g. small-cnn,deep-cnn")
+    p.add_argument("--optimizers", help="--vary optimizer: name:lr pairs, e.g. rmsprop:1e-4,adamw:3e-4")
+    p.add_argument("--disjoint", action="store_true", help="--vary data: disjoint parts instead of bootstrap samples")
+    p.add_argument("--parallel", type=int, help="members trained at once, each on its share of the cores "
+                   "(default: one per core on a CPU; 1 trains them one after another)")
+    p.add_argument("--data", help=f"split folder with train/ and validation/ (default {DEFAULT_DATA})")
+    p.add_argument("--runs", default="runs", help="where the ensemble folder goes")
+    p.add_argument("--out", help="the ensemble folder; if it exists, continue it")
+    p.add_argument("--resume", metavar="ENSEMBLE", help="continue an interrupted ensemble")
+    p.set_defaults(handler=cmd_ensemble)
+
     p = commands.add_parser("evaluate", help="loss, accuracy and confusion matrix of a run on labelled images")
     p.add_argument("run")
     p.add_argument("--data", help="class folders or a Kaggle flat folder (default: the run's test split)")
@@ -244,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_console()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    takes_overrides = args.command in ("train", "show-recipe", "summary", "augment-preview")
+    takes_overrides = args.command in ("train", "show-recipe", "summary", "augment-preview", "ensemble")
     try:
         if extra and not takes_overrides:
             raise UserError(f"Unexpected argument(s): {' '.join(extra)}.")

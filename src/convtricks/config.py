@@ -27,6 +27,9 @@ DEFAULTS: dict = {
         "val_batch_size": 100,
         "class_mode": "binary",
         "cache": True,
+        "kind": "folders",  # folders (class folders / Kaggle flat) | utkface (labels in file names)
+        "split": [0.7, 0.15, 0.15],  # utkface: train/validation/test fractions, by file-name hash
+        "subset": None,  # trick 4, bagging: {kind: bootstrap|disjoint, member, members, seed} (train/ensemble.py)
     },
     "augment": {},
     "train": {
@@ -54,10 +57,16 @@ DEFAULTS: dict = {
         "tta": False,  # evaluate on the image and its horizontal mirror, averaged
     },
     "stages": [],
+    # Trick 5: which heads to train and how their losses combine (Loss1 + λ·Loss2 + γ·Loss3).
+    "multitask": {
+        "tasks": ["age", "gender", "race"],
+        "weights": {"age": 1.0, "gender": 1.0, "race": 1.0},
+        "weighting": "fixed",  # fixed | uncertainty (learned, Kendall et al. 2018)
+    },
 }
 
 STAGE_KEYS = set(DEFAULTS["train"]) | {"name"}
-SECTIONS = ("data", "train")
+SECTIONS = ("data", "train", "multitask")
 
 
 def recipe_names() -> list[str]:
@@ -169,7 +178,7 @@ def parse_value(text: str):
 def _leaf_paths(config: dict) -> dict[str, list[tuple[str, str]]]:
     """Short name -> [(section, key)] for every overridable key."""
     paths: dict[str, list[tuple[str, str]]] = {}
-    for section in ("data", "train", "model", "augment"):
+    for section in ("data", "train", "model", "augment", "multitask"):
         for key in config.get(section) or {}:
             paths.setdefault(key, []).append((section, key))
     return paths
@@ -189,7 +198,7 @@ def apply_overrides(recipe: dict, overrides: list[tuple[str, str]]) -> dict:
         value = parse_value(raw_value)
         if "." in key:
             section, leaf = key.split(".", 1)
-            if section not in ("data", "train", "model", "augment"):
+            if section not in ("data", "train", "model", "augment", "multitask"):
                 raise UserError(f"Unknown recipe section '{section}' in --{raw_key}.")
         else:
             places = known.get(key, [])

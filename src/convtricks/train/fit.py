@@ -22,6 +22,7 @@ from convtricks.train.features import base_is_frozen, extract_features
 from convtricks.train.freezing import freeze_except, set_train_mode
 from convtricks.train.history import keras_line, write_history
 from convtricks.train.optim import lr_factor, make_optimizer
+from convtricks.train.progress import StepProgress
 
 log = logging.getLogger("convtricks")
 
@@ -177,6 +178,7 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
         sums = {}
         seen = 0
         grad_sums: dict[str, float] = {}
+        progress = StepProgress(f"Epoch {epoch + 1}/{plan.total_epochs}", steps)
         for step, indices in enumerate(batches.epoch_batches(len(train_inputs), batch_size, steps, seed, epoch)):
             for group in optimizer.param_groups:
                 group["lr"] = stage["lr"] * lr_factor(stage["schedule"], epoch_in_stage * steps + step, total_steps)
@@ -202,10 +204,12 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
             optimizer.step()
             if ema is not None:
                 ema.update_parameters(model)
-            logits = outputs["logits"] if isinstance(outputs, dict) else outputs
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs  # drop auxiliary heads
             for name, value in task.batch_stats(logits.detach(), targets).items():
                 sums[name] = sums.get(name, 0.0) + value
             seen += len(indices)
+            progress.advance(sums.get("loss", 0.0) / seen)
+        progress.close()
         train_seconds = time.perf_counter() - started
 
         evaluated = ema.module if ema is not None else model
