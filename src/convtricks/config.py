@@ -52,6 +52,7 @@ DEFAULTS: dict = {
         "device": "auto",  # auto | cpu | cuda
         "grad_norms": False,
         "feature_cache": True,  # frozen base, no augmentation: train the top on cached features
+        "bn_eval": False,  # keep every BatchNorm on its running statistics (fine-tuning on small data)
         "force_finetune": False,  # allow unfreezing a pretrained base under a random top
         "ema": 0.0,  # decay of an exponential moving average of the weights; 0 = off
         "tta": False,  # evaluate on the image and its horizontal mirror, averaged

@@ -18,7 +18,8 @@ import torch
 from convtricks.errors import UserError
 from convtricks.train import batches
 from convtricks.train.checkpoint import save_checkpoint, save_weights
-from convtricks.train.features import base_is_frozen, extract_features
+from convtricks.data.augment import AugmentConfig, augment_batch
+from convtricks.train.features import extract, frozen_trunk, pick_flips
 from convtricks.train.freezing import freeze_except, set_train_mode
 from convtricks.train.history import keras_line, write_history
 from convtricks.train.optim import lr_factor, make_optimizer
@@ -27,6 +28,7 @@ from convtricks.train.progress import StepProgress
 log = logging.getLogger("convtricks")
 
 DROPOUT, AUGMENT = 1, 2  # purposes of the per-epoch seeds
+FLIP_ONLY = AugmentConfig(horizontal_flip=True)
 
 
 @dataclass
@@ -135,7 +137,7 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
     ema = None
     current_stage = -1
     optimizer = None
-    features = None  # (train features, val features) while a stage trains the top alone
+    features = None  # (train, val) outputs of the frozen trunk, while a stage trains only what follows it
 
     for epoch in range(state.epoch, plan.total_epochs):
         stage_index, stage, epoch_in_stage = plan.locate(epoch)
@@ -149,16 +151,22 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
             log.info("Stage '%s': %s trainable, %s frozen parameters, %s %.0e, %d epochs.", stage["name"],
                      f"{n_trainable:,}", f"{n_frozen:,}", stage["optimizer"], stage["lr"], stage["epochs"])
             augmenting = bool(augment_config is not None and augment_config.enabled and stage["augment"])
+            flip_only = augmenting and augment_config == FLIP_ONLY
             features = None
-            if stage["feature_cache"] and not augmenting and base_is_frozen(model):
+            usable = stage["feature_cache"] and not stage["ema"] and (flip_only or not augmenting)
+            trunk = frozen_trunk(model) if usable else None
+            if trunk is not None:
                 started = time.perf_counter()
                 with autocast_for(device, stage["precision"]):
                     features = (
-                        extract_features(model, train_set.images, to_input, val_batch_size, train_set.key, settings["cache"]),
-                        extract_features(model, val_images, to_input, val_batch_size, val_set.key, settings["cache"]),
+                        extract(trunk, train_set.images, to_input, val_batch_size, train_set.key, flip_only, settings["cache"]),
+                        extract(trunk, val_images, to_input, val_batch_size, val_set.key, False, settings["cache"]),
                     )
-                log.info("Base frozen and no augmentation: training the top on cached base features "
-                         "(%d + %d images, %.1f s).", len(features[0]), len(features[1]), time.perf_counter() - started)
+                frozen = len(trunk.prefix) - 1  # the input normalization is not a layer
+                log.info("The base's first %d layers are frozen%s: ran them once (%d + %d images%s, %.1f s); "
+                         "training the rest on their cached output.", frozen,
+                         " and the only augmentation is a mirror" if flip_only else "", len(train_set.images),
+                         len(val_images), ", each also mirrored" if flip_only else "", time.perf_counter() - started)
             if stage["ema"] and (ema is None):
                 ema = torch.optim.swa_utils.AveragedModel(
                     model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(stage["ema"]), use_buffers=True)
@@ -171,24 +179,31 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
         torch.manual_seed(batches.epoch_seed(seed, epoch, DROPOUT))
         augment_generator = torch.Generator().manual_seed(batches.epoch_seed(seed, epoch, AUGMENT))
         train_inputs = features[0] if features else train_set.images
-        forward = model.forward_head if features else model
+        forward = trunk.head if features else model
+        n_train = len(train_set.images)
         set_train_mode(model, True)
+        if stage["bn_eval"]:
+            # Batches of 32 give noisy statistics; the pretrained running ones are better (as Keras
+            # keeps BatchNormalization in inference mode when fine-tuning).
+            for module in model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
         started = time.perf_counter()
         sums = {}
         seen = 0
         grad_sums: dict[str, float] = {}
         progress = StepProgress(f"Epoch {epoch + 1}/{plan.total_epochs}", steps)
-        for step, indices in enumerate(batches.epoch_batches(len(train_inputs), batch_size, steps, seed, epoch)):
+        for step, indices in enumerate(batches.epoch_batches(n_train, batch_size, steps, seed, epoch)):
             for group in optimizer.param_groups:
                 group["lr"] = stage["lr"] * lr_factor(stage["schedule"], epoch_in_stage * steps + step, total_steps)
-            if features:
+            if features and flip_only:
+                inputs = pick_flips(features[0], indices, augment_generator).to(device)
+            elif features:
                 inputs = train_inputs[indices].to(device)
             else:
                 inputs = to_input(train_inputs[indices])
                 if augmenting:
-                    from convtricks.data.augment import augment_batch
-
                     inputs = augment_batch(inputs, augment_config, augment_generator)
             targets = train_set.targets[indices].to(device)
             with autocast_for(device, stage["precision"]):
@@ -215,7 +230,7 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
         evaluated = ema.module if ema is not None else model
         set_train_mode(evaluated, False)
         if features:
-            val_logits = predict_logits(evaluated.forward_head, features[1], lambda x: x.to(device), val_batch_size,
+            val_logits = predict_logits(trunk.head, features[1], lambda x: x.to(device), val_batch_size,
                                         stage["precision"], device)
         else:
             val_logits = predict_logits(evaluated, val_images, to_input, val_batch_size, stage["precision"], device,
