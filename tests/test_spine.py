@@ -136,3 +136,27 @@ def test_predict_prints_labels_and_writes_kaggle_csv(capsys, trained_run, shared
     assert all(0.0 <= float(r[1]) <= 1.0 for r in rows[1:])
     code, out, _ = run_cli(capsys, "predict", trained_run, folder / "2.jpg")
     assert code == 0 and "2.jpg" in out
+
+
+def test_fine_tuning_a_random_top_straight_away_is_refused(capsys, tiny_split, tmp_path):
+    code, out, err = run_cli(capsys, "train", "pretrain", "--data", tiny_split, "--runs", tmp_path,
+                             "--trainable", "*", "--target_size", "64")
+    assert code == 2 and "destroy the pretrained features" in err
+    assert list(tmp_path.iterdir()) == [] or all(not (p / "checkpoint.pt").exists() for p in tmp_path.iterdir())
+
+
+def test_frozen_base_trains_the_top_on_cached_features(capsys, tiny_split, tmp_path):
+    args = ["train", "pretrain-finetune", "--data", tiny_split, "--target_size", "64", "--steps_per_epoch", "2",
+            "--epochs", "1", "--val_batch_size", "12"]
+    code, out, err = run_cli(capsys, *args, "--runs", tmp_path / "a")
+    assert code == 0, err
+    assert "ran them once (24 + 12 images" in out  # stage 1: the whole base
+    assert "each also mirrored" in out  # stage 2: the frozen prefix, with mirrors
+    # The cached path must give the history the full forward pass gives.
+    code, out, err = run_cli(capsys, *args, "--feature_cache", "false", "--runs", tmp_path / "b")
+    assert code == 0 and "ran them once" not in out
+    (a,), (b,) = (tmp_path / "a").iterdir(), (tmp_path / "b").iterdir()
+    first = json.loads((a / "history.json").read_text())
+    second = json.loads((b / "history.json").read_text())
+    assert first[0]["val_acc"] == second[0]["val_acc"]
+    assert abs(first[0]["loss"] - second[0]["loss"]) < 1e-4
