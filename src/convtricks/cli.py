@@ -80,7 +80,7 @@ def cmd_summary(args, extra) -> int:
         raise UserError(f"Unknown model or recipe '{args.model}'; models: {', '.join(model_names())}; "
                         f"recipes: {', '.join(recipes.recipe_names())}.")
     if args.model in model_names():
-        config = recipes.apply_overrides({"model": {"name": args.model}}, _overrides(extra))
+        config = recipes.apply_overrides({"model": {"name": args.model}}, _overrides(extra), unknown_to="model")
         if "input_size" in config["model"]:
             config["data"]["target_size"] = list(config["model"]["input_size"])
     else:

@@ -185,11 +185,12 @@ def _leaf_paths(config: dict) -> dict[str, list[tuple[str, str]]]:
     return paths
 
 
-def apply_overrides(recipe: dict, overrides: list[tuple[str, str]]) -> dict:
+def apply_overrides(recipe: dict, overrides: list[tuple[str, str]], unknown_to: str | None = None) -> dict:
     """Apply `--key value` pairs: `--epochs 5`, `--train.lr 3e-4`, `--model.dropout 0.5`.
 
     A short key must name exactly one key of the resolved recipe; the model and augment
-    sections also accept new keys when written with their section (`--augment.zoom_range 0.2`).
+    sections also accept new keys when written with their section (`--augment.zoom_range 0.2`),
+    and `unknown_to` names a section that takes any short key no other section has.
     """
     config = copy.deepcopy(recipe)
     resolved = resolve(recipe)
@@ -203,6 +204,8 @@ def apply_overrides(recipe: dict, overrides: list[tuple[str, str]]) -> dict:
                 raise UserError(f"Unknown recipe section '{section}' in --{raw_key}.")
         else:
             places = known.get(key, [])
+            if not places and unknown_to:
+                places = [(unknown_to, key)]  # e.g. a model option when summarising a bare model
             if not places:
                 raise UserError(f"--{raw_key} is not a key of this recipe; see `convtricks show-recipe` for the keys.")
             if len(places) > 1:
