@@ -103,13 +103,21 @@ def subset_key(images_key: str, spec: dict) -> str:
     return f"{images_key}/{kind}-{member}-of-{members}-seed{seed}"
 
 
+def training_subset(labels: torch.Tensor, spec: dict) -> torch.Tensor:
+    """Indices of this member's training sample (`data.subset` of a recipe), said in the log.
+
+    The loop draws its batches from these indices into the full, shared image tensor (and its
+    shared frozen-trunk cache), so bagging copies nothing and recomputes nothing."""
+    indices = subset_indices(labels, spec)
+    log.info("Bagging: member %d of %d trains on a %s sample of %d of the %d training images (%d distinct).",
+             spec["member"] + 1, spec["members"], spec["kind"], len(indices), len(labels), len(indices.unique()))
+    return indices
+
+
 def select_training_subset(images: torch.Tensor, labels: torch.Tensor, spec: dict,
                            images_key: str = "") -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(images, labels, content key) of this member's training sample (`data.subset` of a recipe)."""
-    indices = subset_indices(labels, spec)
-    distinct = len(indices.unique())
-    log.info("Bagging: member %d of %d trains on a %s sample of %d of the %d training images (%d distinct).",
-             spec["member"] + 1, spec["members"], spec["kind"], len(indices), len(labels), distinct)
+    """(images, labels, content key) of this member's training sample, as tensors of their own."""
+    indices = training_subset(labels, spec)
     return images[indices], labels[indices], subset_key(images_key, spec)
 
 
@@ -520,8 +528,8 @@ def warm_shared_caches(member_paths: list[Path]) -> None:
 
 def _warm_features(config: dict, train, validation, warmed: set) -> None:
     """For each stage that trains on a cached frozen trunk whose weights no earlier stage has
-    changed (so that every member sees the same trunk): its outputs on the validation images
-    and, unless each member trains on a sample of its own (bagging), on the training images."""
+    changed (so that every member sees the same trunk): its outputs on the validation and the
+    training images (bagging members index the full set's outputs)."""
     from convtricks.data.augment import AugmentConfig
     from convtricks.train.features import extract, frozen_trunk
     from convtricks.train.fit import FLIP_ONLY, Batcher, autocast_for
@@ -530,9 +538,8 @@ def _warm_features(config: dict, train, validation, warmed: set) -> None:
 
     plan = [stage for stage in recipes.stage_plan(config) if stage["epochs"] > 0]
     augment = AugmentConfig.from_dict(config["augment"]) if config["augment"] else None
-    bagging = bool(config["data"]["subset"])
     signature = json.dumps([config["model"], config["data"]["target_size"], config["train"]["seed"], config["augment"],
-                            config["train"]["channels_last"], config["train"]["validation_steps"], bagging,
+                            config["train"]["channels_last"], config["train"]["validation_steps"],
                             [[s["trainable"], s["augment"], s["feature_cache"], s["ema"], s["precision"]] for s in plan]],
                            sort_keys=True)
     if signature in warmed:
@@ -560,8 +567,7 @@ def _warm_features(config: dict, train, validation, warmed: set) -> None:
             started = time.perf_counter()
             with autocast_for(device, stage["precision"]):
                 extract(trunk, validation_images, to_input, batch, validation.cache_key, False)
-                if not bagging:  # each bagging member runs the trunk over its own sample, in its worker
-                    extract(trunk, train.images, to_input, batch, train.cache_key, flip_only)
+                extract(trunk, train.images, to_input, batch, train.cache_key, flip_only)
             log.info("Stage '%s' of %s: outputs of the frozen layers ready in the shared cache (%.1f s).",
                      stage["name"], config["model"]["name"], time.perf_counter() - started)
         trained |= {id(p) for p in model.parameters() if p.requires_grad}

@@ -134,6 +134,9 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
         keep = settings["validation_steps"] * val_batch_size
         val_images, val_targets = val_images[:keep], val_targets[:keep]
 
+    # Bagging trains on a sample of the training images: batches index the full tensor through it.
+    pool = settings.get("train_subset")
+    n_train = len(pool) if pool is not None else len(train_set.images)
     ema = None
     current_stage = -1
     optimizer = None
@@ -174,13 +177,12 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
                     ema.load_state_dict(state.ema)
             current_stage = stage_index
 
-        steps = batches.steps_for(len(train_set.images), batch_size, stage["steps_per_epoch"])
+        steps = batches.steps_for(n_train, batch_size, stage["steps_per_epoch"])
         total_steps = steps * stage["epochs"]
         torch.manual_seed(batches.epoch_seed(seed, epoch, DROPOUT))
         augment_generator = torch.Generator().manual_seed(batches.epoch_seed(seed, epoch, AUGMENT))
         train_inputs = features[0] if features else train_set.images
         forward = trunk.head if features else model
-        n_train = len(train_set.images)
         set_train_mode(model, True)
         if stage["bn_eval"]:
             # Batches of 32 give noisy statistics; the pretrained running ones are better (as Keras
@@ -194,7 +196,8 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
         seen = 0
         grad_sums: dict[str, float] = {}
         progress = StepProgress(f"Epoch {epoch + 1}/{plan.total_epochs}", steps)
-        for step, indices in enumerate(batches.epoch_batches(n_train, batch_size, steps, seed, epoch)):
+        for step, positions in enumerate(batches.epoch_batches(n_train, batch_size, steps, seed, epoch)):
+            indices = pool[positions] if pool is not None else positions
             for group in optimizer.param_groups:
                 group["lr"] = stage["lr"] * lr_factor(stage["schedule"], epoch_in_stage * steps + step, total_steps)
             if features and flip_only:

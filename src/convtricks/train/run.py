@@ -169,10 +169,9 @@ def train_run(run_dir: Path, resume: bool = False) -> dict:
     train_set = LabelledTensors(train_images.images, train_images.labels, train_images.cache_key)
     if config["data"]["subset"]:
         # Trick 4, bagging: this ensemble member trains on its own sample of the training images.
-        from convtricks.train.ensemble import select_training_subset
+        from convtricks.train.ensemble import training_subset
 
-        train_set = LabelledTensors(*select_training_subset(train_set.images, train_set.targets,
-                                                           config["data"]["subset"], train_set.key))
+        settings["train_subset"] = training_subset(train_set.targets, config["data"]["subset"])
     val_set = LabelledTensors(val_images.images, val_images.labels, val_images.cache_key)
     started = time.perf_counter()
     state = fit(model, task, train_set, val_set, stages, settings, run_dir, state, augment_config)
