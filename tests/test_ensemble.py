@@ -314,11 +314,13 @@ def test_members_with_a_frozen_base_share_features_computed_once(tiny_split, tmp
     assert len(warmed) == 2  # validation and training images
     for member_dir in members:
         ensemble.train_member(member_dir)
-    assert _feature_files() == warmed  # read by both members: nothing recomputed, nothing added
+    after = _feature_files()
+    assert {name: after[name] for name in warmed} == warmed  # read by both members, not recomputed
+    assert len(after) == 3  # plus the base's output on the test images, which the members also share
     histories = [json.loads((path / "history.json").read_text()) for path in members]
     assert histories[0][0]["loss"] != histories[1][0]["loss"]  # and yet each trained on its own sample
 
     optimizers = ensemble.plan_members(config, "optimizer", optimizers=ensemble.parse_optimizers("rmsprop,adam"))
     shared = ensemble.create_ensemble(optimizers, "optimizer", tiny_split, tmp_path / "optimizers")
     ensemble.warm_shared_caches([path for _, path in ensemble.member_dirs(tmp_path / "optimizers", shared)])
-    assert len(_feature_files()) == 2  # the same cache serves every member
+    assert len(_feature_files()) == 3  # the same cache serves every member

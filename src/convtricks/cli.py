@@ -94,9 +94,26 @@ def cmd_summary(args, extra) -> int:
     return 0
 
 
+def _is_multitask(run_dir: Path) -> bool:
+    from convtricks.train.run import read_config
+
+    return read_config(run_dir)["data"]["kind"] == "utkface"
+
+
+def _trainer_for(run_dir: Path):
+    """Class-folder runs train with train_run; face runs (several heads) with their own runner."""
+    if _is_multitask(run_dir):
+        from convtricks.train.multitask import train_multitask_run
+
+        return train_multitask_run
+    from convtricks.train.run import train_run
+
+    return train_run
+
+
 def cmd_train(args, extra) -> int:
     from convtricks import config as recipes
-    from convtricks.train.run import start, train_run
+    from convtricks.train.run import start
 
     if args.resume:
         if args.recipe or extra:
@@ -115,7 +132,7 @@ def cmd_train(args, extra) -> int:
     handler = log_to_file(run_dir / "log.txt")
     try:
         log.info("Run folder: %s", run_dir)
-        metrics = train_run(run_dir, resume=bool(args.resume))
+        metrics = _trainer_for(run_dir)(run_dir, resume=bool(args.resume))
     except KeyboardInterrupt:
         log.info("Interrupted. The last finished epoch is saved; continue with: convtricks train --resume %s", run_dir)
         return 130
@@ -134,7 +151,15 @@ def cmd_evaluate(args, extra) -> int:
 
     if ensemble.is_ensemble(Path(args.run)):
         return ensemble.evaluate_command(Path(args.run), args.data, args.weights, args.json)
-    run = load_run(Path(args.run), args.weights)
+    if _is_multitask(Path(args.run)):
+        from convtricks.train.multitask import evaluate_multitask, evaluation_text
+
+        result = evaluate_multitask(Path(args.run), Path(args.data) if args.data else None, args.weights)
+        log.info(evaluation_text(result))
+        if args.json:
+            print(json.dumps(result))
+        return 0
+    run = load_run(Path(args.run), args.weights, tta=True if args.tta else None)
     data_dir = Path(args.data) if args.data else Path(run.config["data"]["dir"]) / "test"
     if (data_dir / "test").is_dir() and (data_dir / "train").is_dir():
         data_dir = data_dir / "test"  # a whole split was given: judge on its test images
@@ -152,6 +177,12 @@ def cmd_predict(args, extra) -> int:
 
     if ensemble.is_ensemble(Path(args.run)):
         return ensemble.predict_command(Path(args.run), args.target, args.weights, args.csv)
+    if _is_multitask(Path(args.run)):
+        from convtricks.train.multitask import face_line, predict_faces
+
+        for row in predict_faces(Path(args.run), Path(args.target), args.weights):
+            log.info(face_line(row))
+        return 0
     run = load_run(Path(args.run), args.weights)
     rows = predict(run, Path(args.target))
     for row in rows:
@@ -264,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="class folders or a Kaggle flat folder (default: the run's test split)")
     p.add_argument("--weights", default="final", choices=["final", "best"])
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    p.add_argument("--tta", action="store_true", help="average each image's prediction with its mirror's")
     p.set_defaults(handler=cmd_evaluate)
 
     p = commands.add_parser("predict", help="label and probability for an image or a folder of images")

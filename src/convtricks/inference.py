@@ -16,7 +16,7 @@ from convtricks.data.decode import decode_image
 from convtricks.errors import UserError
 from convtricks.train.checkpoint import load_weights
 from convtricks.train.fit import Batcher, measure, predict_logits
-from convtricks.train.run import build_model, pick_device, read_config, set_threads, task_for
+from convtricks.train.run import build_model, pick_device, predictions, read_config, set_threads, task_for
 
 
 @dataclass
@@ -29,9 +29,11 @@ class LoadedRun:
     device: torch.device
 
 
-def load_run(run_dir: Path, weights: str = "final") -> LoadedRun:
+def load_run(run_dir: Path, weights: str = "final", tta: bool | None = None) -> LoadedRun:
     run_dir = Path(run_dir)
     config = read_config(run_dir)
+    if tta is not None:
+        config["train"]["tta"] = tta  # test-time augmentation can be asked for after training
     classes_file = run_dir / "classes.json"
     if not classes_file.exists():
         raise UserError(f"{run_dir} has not finished its first epoch yet (no classes.json); nothing to load.")
@@ -60,13 +62,17 @@ def _logits(run: LoadedRun, images: torch.Tensor) -> torch.Tensor:
                           run.config["train"]["precision"], run.device, tta=run.config["train"]["tta"])
 
 
+def _set_logits(run: LoadedRun, image_set) -> torch.Tensor:
+    return predictions(run.model, image_set, run.batcher, run.config["data"]["val_batch_size"], run.config)
+
+
 def evaluate(run: LoadedRun, data_dir: Path) -> dict:
     """Loss, accuracy and confusion matrix (rows: true class, columns: predicted)."""
     data_dir = Path(data_dir)
     image_set = load_image_set(data_dir, run.config["data"]["target_size"], use_cache=run.config["data"]["cache"])
     if image_set.classes != run.classes:
         raise UserError(f"{data_dir} has classes {image_set.classes}, but the model was trained on {run.classes}.")
-    logits = _logits(run, image_set.images)
+    logits = _set_logits(run, image_set)
     metrics = measure(run.task, logits, image_set.labels)
     probabilities = run.task.probabilities(logits)
     predicted = (probabilities > 0.5).long() if probabilities.dim() == 1 else probabilities.argmax(1)
@@ -98,10 +104,11 @@ def predict(run: LoadedRun, target: Path) -> list[dict]:
         paths = [target]
     elif target.is_dir():
         image_set = load_image_set(target, size, use_cache=run.config["data"]["cache"], require_labels=False)
-        images, paths = image_set.images, image_set.paths
+        paths = image_set.paths
     else:
         raise UserError(f"{target} does not exist.")
-    probabilities = run.task.probabilities(_logits(run, images))
+    logits = _set_logits(run, image_set) if target.is_dir() else _logits(run, images)
+    probabilities = run.task.probabilities(logits)
     rows = []
     for path, p in zip(paths, probabilities):
         if p.dim() == 0:  # binary: p is the probability of the second class

@@ -690,14 +690,15 @@ def load_ensemble(folder: Path, weights: str = "final") -> LoadedEnsemble:
     return LoadedEnsemble(folder, info, names, runs, runs[0].classes)
 
 
-def class_probabilities(run, images: torch.Tensor) -> torch.Tensor:
-    """(N, C) probabilities of one member; binary models give [P(first class), P(second class)]."""
-    from convtricks.train.fit import predict_logits
+def class_probabilities(run, image_set) -> torch.Tensor:
+    """(N, C) probabilities of one member; binary models give [P(first class), P(second class)].
+
+    Members with the same pretrained base share its cached output on these images."""
+    from convtricks.train.run import predictions
 
     if not hasattr(run.task, "probabilities"):
         raise UserError("Ensembles vote on class probabilities; this recipe's model is not a classifier.")
-    logits = predict_logits(run.model, images, run.batcher, run.config["data"]["val_batch_size"],
-                            run.config["train"]["precision"], run.device, tta=run.config["train"]["tta"])
+    logits = predictions(run.model, image_set, run.batcher, run.config["data"]["val_batch_size"], run.config)
     probabilities = run.task.probabilities(logits)
     if not isinstance(probabilities, torch.Tensor):
         raise UserError("Ensembles vote on one classifier output per image; this recipe's model has several heads.")
@@ -725,7 +726,7 @@ def evaluate_ensemble(ensemble: LoadedEnsemble, data_dir: Path, resamples: int =
     sets = _member_image_sets(ensemble, data_dir, require_labels=True)
     if sets[0].classes != ensemble.classes:
         raise UserError(f"{data_dir} has classes {sets[0].classes}, but the members were trained on {ensemble.classes}.")
-    probabilities = torch.stack([class_probabilities(run, s.images) for run, s in zip(ensemble.runs, sets)])
+    probabilities = torch.stack([class_probabilities(run, s) for run, s in zip(ensemble.runs, sets)])
     result = vote_metrics(probabilities, sets[0].labels, ensemble.names, resamples, seed)
     return {"data": str(data_dir), "classes": ensemble.classes, "vary": ensemble.info.get("vary"), **result}
 

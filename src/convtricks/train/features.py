@@ -57,12 +57,26 @@ class FrozenTrunk:
         return features
 
 
-def frozen_trunk(model: nn.Module) -> FrozenTrunk | None:
-    """The longest frozen prefix of the model's base, or None when nothing worth caching is frozen."""
+def _base_units(model: nn.Module) -> list[nn.Module] | None:
     base = getattr(model, "base", None)
     if not isinstance(base, nn.Sequential) or not hasattr(model, "top") or not hasattr(model, "normalize"):
         return None
-    units = _units(base)
+    return _units(base)
+
+
+def whole_base(model: nn.Module) -> FrozenTrunk | None:
+    """The whole base as the trunk: right for prediction, where nothing trains."""
+    units = _base_units(model)
+    if units is None:
+        return None
+    return FrozenTrunk([model.normalize] + units, [model.top], _global_pool(model))
+
+
+def frozen_trunk(model: nn.Module) -> FrozenTrunk | None:
+    """The longest frozen prefix of the model's base, or None when nothing worth caching is frozen."""
+    units = _base_units(model)
+    if units is None:
+        return None
     length = 0
     while length < len(units) and not any(p.requires_grad for p in units[length].parameters()):
         length += 1
@@ -111,3 +125,24 @@ def pick_flips(features: torch.Tensor, indices: torch.Tensor, generator: torch.G
     """Per image, the plain or the mirrored prefix output, each with probability 1/2."""
     mirrored = torch.rand(len(indices), generator=generator) < 0.5
     return torch.where(mirrored.view(-1, *[1] * (features.dim() - 2)), features[1][indices], features[0][indices])
+
+
+@torch.no_grad()
+def predict_through_cache(model: nn.Module, images: torch.Tensor, to_input, batch_size: int, images_key: str,
+                          tta: bool = False, use_cache: bool = True) -> torch.Tensor | None:
+    """Logits for uint8 `images` with the base's output taken from (or put in) the cache.
+
+    Ensemble members and repeated evaluations share a pretrained base: its output on the test
+    images is computed once. None when the model has no separable base."""
+    trunk = whole_base(model)
+    if trunk is None:
+        return None
+    features = extract(trunk, images, to_input, batch_size, images_key, tta, use_cache)
+    was_training = model.training
+    model.eval()
+    if tta:  # the mean of the image's and its mirror's logits
+        logits = (trunk.head(features[0]) + trunk.head(features[1])) / 2
+    else:
+        logits = trunk.head(features)
+    model.train(was_training)
+    return logits.float()

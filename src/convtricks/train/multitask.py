@@ -390,12 +390,13 @@ def evaluation_text(result: dict) -> str:
             parts.append(fmt.format(result[key]))
     lines = [", ".join(parts)]
     if "race_confusion" in result:
-        width = max(len(r) for r in RACES + ("true \\ predicted",)) + 2
-        lines.append("true \\ predicted".ljust(width) + "".join(r.rjust(width) for r in RACES) + "  accuracy".rjust(width))
+        corner = "true \\ predicted"
+        first, width = len(corner) + 2, max(len(r) for r in RACES) + 2
+        lines.append(corner.ljust(first) + "".join(r.rjust(width) for r in RACES) + "accuracy".rjust(width + 2))
         for race, row in zip(RACES, result["race_confusion"]):
             accuracy = result["race_acc_per_class"][race]
-            lines.append(race.ljust(width) + "".join(str(v).rjust(width) for v in row)
-                         + ("-" if accuracy is None else f"{accuracy:.3f}").rjust(width))
+            lines.append(race.ljust(first) + "".join(str(v).rjust(width) for v in row)
+                         + ("-" if accuracy is None else f"{accuracy:.3f}").rjust(width + 2))
     return "\n".join(lines)
 
 

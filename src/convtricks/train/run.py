@@ -25,7 +25,9 @@ from convtricks.data.dataset import load_image_set
 from convtricks.errors import UserError
 from convtricks.models.registry import create_model
 from convtricks.train.checkpoint import load_checkpoint, load_weights
-from convtricks.train.fit import Batcher, TrainingState, check_finetune_order, fit, measure, predict_logits
+from convtricks.train.features import predict_through_cache
+from convtricks.train.fit import (Batcher, TrainingState, autocast_for, check_finetune_order, fit, measure,
+                                  predict_logits)
 from convtricks.train.freezing import set_train_mode
 from convtricks.train.tasks import BinaryTask, CategoricalTask
 
@@ -198,6 +200,18 @@ def _median(values):
     return values[len(values) // 2] if values else None
 
 
+def predictions(model, image_set, to_input, batch_size: int, config: dict) -> torch.Tensor:
+    """Logits for an ImageSet; a model with a conv base reuses its cached output on these images."""
+    train = config["train"]
+    with autocast_for(to_input.device, train["precision"]):
+        logits = predict_through_cache(model, image_set.images, to_input, batch_size, image_set.cache_key,
+                                       tta=train["tta"], use_cache=config["data"]["cache"])
+    if logits is None:
+        logits = predict_logits(model, image_set.images, to_input, batch_size, train["precision"], to_input.device,
+                                tta=train["tta"])
+    return logits
+
+
 def final_metrics(config, model, task, state, data_dir, classes, settings) -> dict:
     """Last epoch's numbers, plus the test split's (images the model never saw) when present."""
     last = state.history[-1] if state.history else {}
@@ -208,8 +222,7 @@ def final_metrics(config, model, task, state, data_dir, classes, settings) -> di
     if test_images is not None:
         set_train_mode(model, False)
         to_input = Batcher(settings["rescale"], settings["device"], settings["channels_last"])
-        logits = predict_logits(model, test_images.images, to_input, settings["val_batch_size"],
-                                config["train"]["precision"], settings["device"], tta=config["train"]["tta"])
+        logits = predictions(model, test_images, to_input, settings["val_batch_size"], config)
         for name, value in measure(task, logits, test_images.labels).items():
             metrics[f"test_{name}"] = value
         metrics["test_images"] = len(test_images)
