@@ -34,12 +34,13 @@ def _warn_skipped(paths: list[Path]) -> None:
         log.warning("Skipped %d unreadable image file(s): %s", len(paths), shown)
 
 
-def load_image_set(root: Path, target_size, *, use_cache: bool = True, require_labels: bool = True,
-                   threads: int = 2) -> ImageSet:
-    """Index `root`, decode every image to `target_size` (H, W) once, keep uint8 in memory."""
-    index = index_directory(Path(root), require_labels=require_labels)
+def decode_with_cache(paths: list[Path], target_size, *, use_cache: bool = True, threads: int = 2):
+    """uint8 (N,3,H,W) of the readable files, a mask of which were readable, and the content key.
+
+    The files are hashed (cheap) and looked up in the cache; only a miss decodes. Unreadable
+    files are named in one warning."""
     target_size = tuple(int(v) for v in target_size)
-    blobs = read_bytes(index.paths)
+    blobs = read_bytes(paths)
     key = cache.content_key(blobs, target_size)
     cached = cache.load("images", key) if use_cache else None
     if cached is not None:
@@ -50,8 +51,15 @@ def load_image_set(root: Path, target_size, *, use_cache: bool = True, require_l
         kept[bad] = False
         if use_cache:
             cache.save("images", key, {"images": images, "kept": kept.to(torch.uint8)})
-    del blobs
-    _warn_skipped([p for p, ok in zip(index.paths, kept.tolist()) if not ok])
+    _warn_skipped([p for p, ok in zip(paths, kept.tolist()) if not ok])
+    return images, kept, key
+
+
+def load_image_set(root: Path, target_size, *, use_cache: bool = True, require_labels: bool = True,
+                   threads: int = 2) -> ImageSet:
+    """Index `root`, decode every image to `target_size` (H, W) once, keep uint8 in memory."""
+    index = index_directory(Path(root), require_labels=require_labels)
+    images, kept, key = decode_with_cache(index.paths, target_size, use_cache=use_cache, threads=threads)
     if images.shape[0] == 0:
         raise UserError(f"No readable images in {root}.")
     paths = [p for p, ok in zip(index.paths, kept.tolist()) if ok]

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from convtricks.data import cache
-from convtricks.data.decode import decode_many, read_bytes
+from convtricks.data.dataset import decode_with_cache
 from convtricks.errors import UserError
 
 log = logging.getLogger("convtricks")
@@ -122,22 +121,7 @@ def targets_of(labels: list[FaceLabels]) -> torch.Tensor:
 def decode_faces(paths: list[Path], labels: list[FaceLabels], target_size, *, use_cache: bool = True,
                  threads: int = 2) -> FaceSet:
     """Decode once to uint8 (N,3,H,W), through the content-keyed cache; unreadable files are skipped."""
-    target_size = tuple(int(v) for v in target_size)
-    blobs = read_bytes(paths)
-    key = cache.content_key(blobs, target_size)
-    cached = cache.load("images", key) if use_cache else None
-    if cached is not None:
-        images, kept = cached["images"], cached["kept"].bool()
-    else:
-        images, bad = decode_many(blobs, target_size, threads=threads)
-        kept = torch.ones(len(blobs), dtype=torch.bool)
-        kept[bad] = False
-        if use_cache:
-            cache.save("images", key, {"images": images, "kept": kept.to(torch.uint8)})
-    del blobs
-    unreadable = [p.name for p, ok in zip(paths, kept.tolist()) if not ok]
-    if unreadable:
-        log.warning("Skipped %d unreadable face image(s): %s", len(unreadable), ", ".join(unreadable[:10]))
+    images, kept, key = decode_with_cache(paths, target_size, use_cache=use_cache, threads=threads)
     kept_list = kept.tolist()
     return FaceSet(images, targets_of([f for f, ok in zip(labels, kept_list) if ok]),
                    [p for p, ok in zip(paths, kept_list) if ok], key)
