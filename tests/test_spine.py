@@ -160,3 +160,21 @@ def test_frozen_base_trains_the_top_on_cached_features(capsys, tiny_split, tmp_p
     second = json.loads((b / "history.json").read_text())
     assert first[0]["val_acc"] == second[0]["val_acc"]
     assert abs(first[0]["loss"] - second[0]["loss"]) < 1e-4
+
+
+def test_ema_weights_are_what_the_run_saves_and_tta_evaluates(capsys, tiny_split, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    code, out, err = run_cli(capsys, "train", "baseline", "--data", tiny_split, "--runs", tmp_path, "--epochs", "2",
+                             "--ema", "0.5", *FAST)
+    assert code == 0, err
+    (run_dir,) = tmp_path.iterdir()
+    saved = load_file(str(run_dir / "model.safetensors"))
+    raw = torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+    assert not torch.equal(saved["dense1.weight"], raw["dense1.weight"])  # the average, not the last step
+    code, plain, _ = run_cli(capsys, "evaluate", run_dir, "--json")
+    code_tta, mirrored, _ = run_cli(capsys, "evaluate", run_dir, "--json", "--tta")
+    assert code == code_tta == 0
+    loss = json.loads(plain.strip().splitlines()[-1])["loss"]
+    assert json.loads(mirrored.strip().splitlines()[-1])["loss"] != loss
