@@ -96,7 +96,7 @@ def keras_peer(data: Path) -> dict | None:
     script = REPO.parent / "shared" / "peers" / "keras_seed.py"
     if not python.exists() or not script.exists():
         return None
-    result = subprocess.run([str(python), str(script), "--recipe", "baseline", "--epochs", "3", "--data", str(data)],
+    result = subprocess.run([str(python), str(script), "--recipe", "baseline", "--epochs", "2", "--data", str(data)],
                             capture_output=True, text=True, check=True)
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     return {"epochs": lines[:-1], "summary": lines[-1]}
@@ -152,7 +152,15 @@ def main() -> None:
         if peer is None:
             rows.append(("Keras peer", "not installed", "(see ../shared/peers/keras_seed.py)"))
         else:
-            rows.append(("Keras peer, summary", json.dumps(peer["summary"])[:200], ""))
+            summary = peer["summary"]
+            ours = epoch["train_images_per_s"] if args.epoch else None
+            rows.append(("Keras peer: training images/s (median, epochs 2+)",
+                         f"{summary['median_train_img_per_s_ep2on']:.1f}", "img/s"))
+            rows.append(("Keras peer: seconds per epoch (median, epochs 2+)", f"{summary['median_epoch_s_ep2on']:.1f}", "s"))
+            rows.append(("Keras peer: peak RSS", f"{summary['peak_rss_mb']:.0f}", "MB"))
+            if ours:
+                rows.append(("  ratio, ours / Keras, training images/s",
+                             f"{ours / summary['median_train_img_per_s_ep2on']:.2f}", "x"))
 
     print(f"convtricks baseline speed - {platform.processor() or platform.machine()}, "
           f"{len(os.sched_getaffinity(0))} cores, torch {torch.__version__}, median of {args.repeats}")
