@@ -17,6 +17,18 @@ def private_cache(tmp_path_factory):
     os.environ["CONVTRICKS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny models: on a busy 2-core machine two intra-op threads spin-wait on
+    each other and cost more than they gain; one thread keeps these checks fast anywhere."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def shared_data_dir() -> Path:
     # CI and developers keep ../shared beside the checkout; an env var points elsewhere.
     return Path(os.environ.get("CONVTRICKS_SHARED_DATA", REPO.parent / "shared" / "data"))

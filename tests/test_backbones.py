@@ -28,14 +28,7 @@ DOMESTIC_CATS = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese,
 DOGS = range(151, 269)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared CPU, two intra-op threads turn each small forward pass into seconds of
-    # spin-waiting; one thread keeps these tiny checks fast anywhere.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,7 @@ from convtricks.models.registry import create_model
 from convtricks.train.freezing import count_parameters, freeze_except, set_train_mode, trainable_parameters
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared CPU, two intra-op threads turn each small forward pass into seconds of
-    # spin-waiting; one thread keeps these tiny checks fast anywhere.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,14 +30,7 @@ from convtricks.train.run import start
 MALFORMED = ("61_1_20170109142408075.jpg.chip.jpg", "61_3_20170109150557335.jpg.chip.jpg")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are tiny; on a busy 2-core machine two threads spin-waiting on each other cost
-    # ten times more than they gain.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
