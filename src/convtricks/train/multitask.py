@@ -29,17 +29,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from convtricks import config as recipes
 from convtricks.atomic import write_text
 from convtricks.data.decode import decode_image
 from convtricks.data.utkface import GENDERS, RACES, decode_faces, index_faces, load_faces
 from convtricks.errors import UserError
 from convtricks.models.multitask import COLUMNS, check_tasks
 from convtricks.models.registry import create_model
-from convtricks.train.checkpoint import load_checkpoint, load_weights
-from convtricks.train.fit import Batcher, TrainingState, check_finetune_order, fit, measure, predict_logits
+from convtricks.train.checkpoint import load_weights
+from convtricks.train.fit import Batcher, fit, measure, predict_logits
 from convtricks.train.freezing import count_parameters, set_train_mode
-from convtricks.train.run import LabelledTensors, peak_rss_mb, pick_device, read_config, set_threads
+from convtricks.train.run import LabelledTensors, peak_rss_mb, pick_device, read_config, ready_to_fit, set_threads
 
 log = logging.getLogger("convtricks")
 
@@ -199,28 +198,10 @@ def train_multitask_run(run_dir: Path, resume: bool = False) -> dict:
     model = build_multitask_model(config).to(device)
     ages = train_faces.targets[:, AGE]
     model.top.set_age_scale(float(ages.mean()), float(ages.std()) if len(ages) > 1 else 1.0)
-    if train_cfg["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
+    model, stages, state, augment_config = ready_to_fit(run_dir, config, model, resume)
     task = task_for_model(config, model)
     log.info("Tasks %s, weighting %s, loss weights %s.", ", ".join(task.tasks), task.weighting,
              ", ".join(f"{t} {w:.4g}" for t, w in task.loss_weights().items()))
-    stages = recipes.stage_plan(config)
-
-    state = TrainingState()
-    if resume:
-        saved = load_checkpoint(run_dir / "checkpoint.pt")
-        model.load_state_dict(saved["model"])
-        state = TrainingState(epoch=saved["epoch"], history=saved["history"], best=saved["best"],
-                              optimizer=saved["optimizer"], stage=saved["stage"], ema=saved.get("ema"))
-        log.info("Resuming %s after epoch %d.", run_dir.name, state.epoch)
-    else:
-        check_finetune_order(model, stages)
-
-    augment_config = None
-    if config["augment"]:
-        from convtricks.data.augment import AugmentConfig
-
-        augment_config = AugmentConfig.from_dict(config["augment"])
     settings = {
         "device": device, "seed": train_cfg["seed"], "rescale": data_cfg["rescale"],
         "channels_last": train_cfg["channels_last"], "batch_size": data_cfg["batch_size"],

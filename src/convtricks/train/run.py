@@ -123,6 +123,29 @@ def read_config(run_dir: Path) -> dict:
     return config
 
 
+def ready_to_fit(run_dir: Path, config: dict, model: torch.nn.Module, resume: bool):
+    """What every runner does before `fit`: memory format, stages, the checkpoint to continue from
+    (or the check that the first stage may train what it unfreezes), and the augmentation."""
+    if config["train"]["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    stages = recipes.stage_plan(config)
+    state = TrainingState()
+    if resume:
+        saved = load_checkpoint(run_dir / "checkpoint.pt")
+        model.load_state_dict(saved["model"])
+        state = TrainingState(epoch=saved["epoch"], history=saved["history"], best=saved["best"],
+                              optimizer=saved["optimizer"], stage=saved["stage"], ema=saved.get("ema"))
+        log.info("Resuming %s after epoch %d.", run_dir.name, state.epoch)
+    else:
+        check_finetune_order(model, stages)
+    augment_config = None
+    if config["augment"]:
+        from convtricks.data.augment import AugmentConfig
+
+        augment_config = AugmentConfig.from_dict(config["augment"])
+    return model, stages, state, augment_config
+
+
 def train_run(run_dir: Path, resume: bool = False) -> dict:
     """Train (or continue) the run in `run_dir`; returns its metrics."""
     run_dir = Path(run_dir)
@@ -142,25 +165,7 @@ def train_run(run_dir: Path, resume: bool = False) -> dict:
 
     torch.manual_seed(train_cfg["seed"])  # the initial weights follow from the seed
     model = build_model(config, num_outputs).to(device)
-    if train_cfg["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    stages = recipes.stage_plan(config)
-
-    state = TrainingState()
-    if resume:
-        saved = load_checkpoint(run_dir / "checkpoint.pt")
-        model.load_state_dict(saved["model"])
-        state = TrainingState(epoch=saved["epoch"], history=saved["history"], best=saved["best"],
-                              optimizer=saved["optimizer"], stage=saved["stage"], ema=saved.get("ema"))
-        log.info("Resuming %s after epoch %d.", run_dir.name, state.epoch)
-    else:
-        check_finetune_order(model, stages)
-
-    augment_config = None
-    if config["augment"]:
-        from convtricks.data.augment import AugmentConfig
-
-        augment_config = AugmentConfig.from_dict(config["augment"])
+    model, stages, state, augment_config = ready_to_fit(run_dir, config, model, resume)
 
     settings = {
         "device": device, "seed": train_cfg["seed"], "rescale": config["data"]["rescale"],
