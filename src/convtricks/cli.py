@@ -102,7 +102,9 @@ def _is_multitask(run_dir: Path) -> bool:
 
 def _trainer_for(run_dir: Path):
     """Class-folder runs train with train_run; face runs (several heads) with their own runner."""
-    if _is_multitask(run_dir):
+    from convtricks.train import distributed
+
+    if distributed.from_main(lambda: _is_multitask(run_dir)):  # DDP: only the main process reads the folder
         from convtricks.train.multitask import train_multitask_run
 
         return train_multitask_run
@@ -113,13 +115,14 @@ def _trainer_for(run_dir: Path):
 
 def cmd_train(args, extra) -> int:
     from convtricks import config as recipes
+    from convtricks.train import distributed
     from convtricks.train.run import start
 
     if args.resume:
         if args.recipe or extra:
             raise UserError("--resume continues a run exactly as it was configured; give no recipe or overrides.")
         run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").exists():
+        if distributed.is_main() and not (run_dir / "config.yaml").exists():  # DDP: the folder is the main's
             raise UserError(f"{run_dir} is not a run folder (it has no config.yaml).")
     else:
         if not args.recipe:
@@ -128,17 +131,27 @@ def cmd_train(args, extra) -> int:
         data_dir = Path(args.data) if args.data else DEFAULT_DATA
         if not data_dir.is_dir():
             raise UserError(f"Data folder {data_dir} does not exist; build it with `convtricks prepare --out {data_dir}`.")
-        run_dir = start(config, data_dir, Path(args.runs))
-    handler = log_to_file(run_dir / "log.txt")
+        distributed.check_batch_size(config["data"]["batch_size"])  # DDP: before any process waits on another
+    with distributed.session():  # under torchrun: join the other processes (nothing otherwise)
+        if not args.resume:  # DDP: only the main process creates the run folder; the others learn its path
+            run_dir = distributed.from_main(lambda: start(config, data_dir, Path(args.runs)))
+        return _train_in(run_dir, bool(args.resume))
+
+
+def _train_in(run_dir: Path, resume: bool) -> int:
+    from convtricks.train import distributed
+
+    handler = log_to_file(run_dir / "log.txt") if distributed.is_main() else None
     try:
         log.info("Run folder: %s", run_dir)
-        metrics = _trainer_for(run_dir)(run_dir, resume=bool(args.resume))
+        metrics = _trainer_for(run_dir)(run_dir, resume=resume)
     except KeyboardInterrupt:
         log.info("Interrupted. The last finished epoch is saved; continue with: convtricks train --resume %s", run_dir)
         return 130
     finally:
-        log.removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
     keys = ("loss", "acc", "val_loss", "val_acc", "test_loss", "test_acc")
     shown = {k: metrics[k] for k in keys if isinstance(metrics.get(k), (int, float))}
     log.info("Done: %s. Run folder: %s", ", ".join(f"{k} {v:.4f}" for k, v in shown.items()), run_dir)
@@ -159,7 +172,7 @@ def cmd_evaluate(args, extra) -> int:
         if args.json:
             print(json.dumps(result))
         return 0
-    run = load_run(Path(args.run), args.weights, tta=True if args.tta else None)
+    run = load_run(Path(args.run), args.weights, tta=args.tta)
     data_dir = Path(args.data) if args.data else Path(run.config["data"]["dir"]) / "test"
     if (data_dir / "test").is_dir() and (data_dir / "train").is_dir():
         data_dir = data_dir / "test"  # a whole split was given: judge on its test images
@@ -295,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="class folders or a Kaggle flat folder (default: the run's test split)")
     p.add_argument("--weights", default="final", choices=["final", "best"])
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
-    p.add_argument("--tta", action="store_true", help="average each image's prediction with its mirror's")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average each image's prediction with its mirror's (default: as the run's recipe says)")
     p.set_defaults(handler=cmd_evaluate)
 
     p = commands.add_parser("predict", help="label and probability for an image or a folder of images")
@@ -313,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="augment-preview.png")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=cmd_augment_preview)
+
+    from convtricks.experiments.sweep import add_sweep_command
+
+    add_sweep_command(commands)
+
+    from convtricks.experiments.reproduce import add_parser as add_reproduce_command
+
+    add_reproduce_command(commands, DEFAULT_DATA)
     return parser
 
 
@@ -320,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_console()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    takes_overrides = args.command in ("train", "show-recipe", "summary", "augment-preview", "ensemble")
+    takes_overrides = args.command in ("train", "show-recipe", "summary", "augment-preview", "ensemble", "sweep")
     try:
         if extra and not takes_overrides:
             raise UserError(f"Unexpected argument(s): {' '.join(extra)}.")

@@ -45,7 +45,7 @@ DEFAULTS: dict = {
         "trainable": ["*"],
         "augment": True,  # a stage may switch the recipe's augmentation off
         "seed": 0,
-        "precision": "fp32",  # fp32 | bf16 (autocast)
+        "precision": "auto",  # auto (bf16 autocast on a GPU, fp32 on a CPU) | fp32 | bf16 (autocast)
         "channels_last": True,
         "compile": False,
         "threads": None,  # None: one per core
@@ -64,6 +64,10 @@ DEFAULTS: dict = {
         "weights": {"age": 1.0, "gender": 1.0, "race": 1.0},
         "weighting": "fixed",  # fixed | uncertainty (learned, Kendall et al. 2018)
     },
+    # `convtricks sweep` only (`train` ignores them): named variants of this recipe, each a few
+    # keys changed ({name: {dotted.key: value}}), and validation accuracies to time the race to.
+    "variants": {},
+    "sweep_targets": [],
 }
 
 STAGE_KEYS = set(DEFAULTS["train"]) | {"name"}
@@ -130,7 +134,19 @@ def resolve(recipe: dict) -> dict:
         if bad:
             raise UserError(f"Unknown key(s) {', '.join(sorted(bad))} in stage {index + 1}; stages take train keys.")
     _check_values(config)
+    _check_sweep_keys(config)
     return config
+
+
+def _check_sweep_keys(config: dict) -> None:
+    config["variants"] = config["variants"] or {}
+    config["sweep_targets"] = config["sweep_targets"] or []
+    if not isinstance(config["variants"], dict):
+        raise UserError("Recipe key 'variants' must map variant names to {key: value} overrides.")
+    targets = config["sweep_targets"]
+    if not (isinstance(targets, list) and all(isinstance(t, (int, float)) and not isinstance(t, bool)
+                                              and 0 < t <= 1 for t in targets)):
+        raise UserError(f"sweep_targets must be a list of accuracies between 0 and 1, got {targets}.")
 
 
 def _check_values(config: dict) -> None:
@@ -153,8 +169,8 @@ def _check_values(config: dict) -> None:
         steps = merged["steps_per_epoch"]
         if steps is not None and not (isinstance(steps, int) and steps >= 1):
             raise UserError(f"steps_per_epoch must be a positive integer or null, got {steps}.")
-        if merged["precision"] not in ("fp32", "bf16"):
-            raise UserError(f"precision must be fp32 or bf16, got {merged['precision']}.")
+        if merged["precision"] not in ("auto", "fp32", "bf16"):
+            raise UserError(f"precision must be auto, fp32 or bf16, got {merged['precision']}.")
         if merged["optimizer"] not in ("rmsprop", "adam", "adamw", "sgd", "nesterov"):
             raise UserError(f"optimizer must be one of rmsprop, adam, adamw, sgd, nesterov; got {merged['optimizer']}.")
         if merged["schedule"] not in ("constant", "cosine", "onecycle"):
@@ -197,7 +213,8 @@ def apply_overrides(recipe: dict, overrides: list[tuple[str, str]], unknown_to: 
     known = _leaf_paths(resolved)
     for raw_key, raw_value in overrides:
         key = raw_key.replace("-", "_")
-        value = parse_value(raw_value)
+        # Recipe files (a sweep's variants) hand over values already typed by YAML.
+        value = parse_value(raw_value) if isinstance(raw_value, str) else raw_value
         if "." in key:
             section, leaf = key.split(".", 1)
             if section not in ("data", "train", "model", "augment", "multitask"):

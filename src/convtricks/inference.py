@@ -39,7 +39,8 @@ def load_run(run_dir: Path, weights: str = "final", tta: bool | None = None) -> 
         raise UserError(f"{run_dir} has not finished its first epoch yet (no classes.json); nothing to load.")
     classes = json.loads(classes_file.read_text())
     set_threads(config["train"]["threads"])
-    device = pick_device(config["train"]["device"])
+    # Where a run was trained does not bind where it predicts: a GPU-trained run works on a laptop.
+    device = pick_device("auto")
     task, num_outputs = task_for(config, classes)
     if "pretrained" in config["model"]:
         # The run's own weights replace the pretrained ones: do not ask for the original file.

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from convtricks.errors import UserError
-from convtricks.train import batches
+from convtricks.train import batches, distributed
 from convtricks.train.checkpoint import save_checkpoint, save_weights
 from convtricks.data.augment import AugmentConfig, augment_batch
 from convtricks.train.features import extract, frozen_trunk, pick_flips
@@ -57,7 +57,9 @@ class TrainingState:
 
 
 def autocast_for(device: torch.device, precision: str):
-    if precision == "bf16":
+    # "auto": bf16 where the hardware runs it fast (a GPU); this CPU family has no bf16 units,
+    # where autocast measured six times slower than fp32 (bench/bench_baseline.py).
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
@@ -74,12 +76,18 @@ def predict_logits(forward: Callable, inputs: torch.Tensor, to_input: Callable, 
             if tta:
                 outputs = (outputs + forward(batch.flip(-1))) / 2
         chunks.append(outputs.float().cpu())
-    return torch.cat(chunks)
+    return torch.cat(chunks) if chunks else torch.empty(0)  # empty: a process's share of a tiny set
 
 
 def measure(task, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     sums = task.batch_stats(logits, targets)
     return {name: value / len(targets) for name, value in sums.items()}
+
+
+def measure_across(task, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """`measure` of a set each process predicted a part of (DDP); the plain `measure` otherwise."""
+    sums, count = distributed.total(task.batch_stats(logits, targets) if len(targets) else {}, len(targets))
+    return {name: value / count for name, value in sums.items()}
 
 
 class StagePlan:
@@ -161,10 +169,10 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
             if trunk is not None:
                 started = time.perf_counter()
                 with autocast_for(device, stage["precision"]):
-                    features = (
+                    features = distributed.from_main(lambda: (  # DDP: computed once, sent to every process
                         extract(trunk, train_set.images, to_input, val_batch_size, train_set.key, flip_only, settings["cache"]),
                         extract(trunk, val_images, to_input, val_batch_size, val_set.key, False, settings["cache"]),
-                    )
+                    ))
                 frozen = len(trunk.prefix) - 1  # the input normalization is not a layer
                 log.info("The base's first %d layers are frozen%s: ran them once (%d + %d images%s, %.1f s); "
                          "training the rest on their cached output.", frozen,
@@ -175,14 +183,15 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
                     model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(stage["ema"]), use_buffers=True)
                 if state.ema is not None:
                     ema.load_state_dict(state.ema)
+            trained = distributed.trained(model, trunk)  # DDP: what this stage trains, gradients averaged
             current_stage = stage_index
 
         steps = batches.steps_for(n_train, batch_size, stage["steps_per_epoch"])
         total_steps = steps * stage["epochs"]
-        torch.manual_seed(batches.epoch_seed(seed, epoch, DROPOUT))
-        augment_generator = torch.Generator().manual_seed(batches.epoch_seed(seed, epoch, AUGMENT))
+        torch.manual_seed(distributed.rank_seed(batches.epoch_seed(seed, epoch, DROPOUT)))
+        augment_generator = torch.Generator().manual_seed(distributed.rank_seed(batches.epoch_seed(seed, epoch, AUGMENT)))
         train_inputs = features[0] if features else train_set.images
-        forward = trunk.head if features else model
+        forward = trained  # the model, or the layers after a cached trunk (DDP-wrapped under torchrun)
         set_train_mode(model, True)
         if stage["bn_eval"]:
             # Batches of 32 give noisy statistics; the pretrained running ones are better (as Keras
@@ -195,8 +204,9 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
         sums = {}
         seen = 0
         grad_sums: dict[str, float] = {}
-        progress = StepProgress(f"Epoch {epoch + 1}/{plan.total_epochs}", steps)
+        progress = StepProgress(f"Epoch {epoch + 1}/{plan.total_epochs}", steps) if distributed.is_main() else distributed.Quiet()
         for step, positions in enumerate(batches.epoch_batches(n_train, batch_size, steps, seed, epoch)):
+            positions = distributed.shard(positions)  # DDP: this process's slice of the global batch
             indices = pool[positions] if pool is not None else positions
             for group in optimizer.param_groups:
                 group["lr"] = stage["lr"] * lr_factor(stage["schedule"], epoch_in_stage * steps + step, total_steps)
@@ -228,17 +238,19 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
             seen += len(indices)
             progress.advance(sums.get("loss", 0.0) / seen)
         progress.close()
+        sums, seen = distributed.total(sums, seen)  # DDP: the history is the global batch's
         train_seconds = time.perf_counter() - started
 
         evaluated = ema.module if ema is not None else model
         set_train_mode(evaluated, False)
+        part = distributed.share(len(val_targets))  # DDP: each process predicts its part of the set
         if features:
-            val_logits = predict_logits(trunk.head, features[1], lambda x: x.to(device), val_batch_size,
+            val_logits = predict_logits(trunk.head, features[1][part], lambda x: x.to(device), val_batch_size,
                                         stage["precision"], device)
         else:
-            val_logits = predict_logits(evaluated, val_images, to_input, val_batch_size, stage["precision"], device,
-                                        tta=stage["tta"])
-        val_metrics = measure(task, val_logits, val_targets)
+            val_logits = predict_logits(evaluated, val_images[part], to_input, val_batch_size, stage["precision"],
+                                        device, tta=stage["tta"])
+        val_metrics = measure_across(task, val_logits, val_targets[part])
         seconds = time.perf_counter() - started
 
         row = {"epoch": epoch + 1, "stage": stage["name"], "lr": optimizer.param_groups[0]["lr"]}
@@ -249,21 +261,25 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
         state.history.append(row)
         log.info(keras_line(row, plan.total_epochs, task.metric_names))
 
+        writes = distributed.is_main()  # DDP: only the main process writes the run folder
         monitored = row.get(task.monitor)
         if monitored is not None and (state.best is None or monitored > state.best):
             state.best = monitored
-            save_weights(run_dir / "best.safetensors", evaluated)
+            if writes:
+                save_weights(run_dir / "best.safetensors", evaluated)
         state.epoch = epoch + 1
         state.stage = stage_index
-        save_checkpoint(run_dir / "checkpoint.pt", {
-            "epoch": state.epoch, "stage": stage_index, "history": state.history, "best": state.best,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-        })
-        write_history(run_dir, state.history)
+        if writes:
+            save_checkpoint(run_dir / "checkpoint.pt", {
+                "epoch": state.epoch, "stage": stage_index, "history": state.history, "best": state.best,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+            })
+            write_history(run_dir, state.history)
         if on_epoch:
             on_epoch(state)
 
     final = ema.module if ema is not None else model
-    save_weights(run_dir / "model.safetensors", final)
+    if distributed.is_main():
+        save_weights(run_dir / "model.safetensors", final)
     return state

@@ -35,6 +35,7 @@ from convtricks.data.utkface import GENDERS, RACES, decode_faces, index_faces, l
 from convtricks.errors import UserError
 from convtricks.models.multitask import COLUMNS, check_tasks
 from convtricks.models.registry import create_model
+from convtricks.train import distributed
 from convtricks.train.checkpoint import load_weights
 from convtricks.train.fit import Batcher, fit, measure, predict_logits
 from convtricks.train.freezing import count_parameters, set_train_mode
@@ -182,7 +183,8 @@ def _check_data_kind(config: dict) -> None:
 def train_multitask_run(run_dir: Path, resume: bool = False) -> dict:
     """Train (or continue) the multi-task run in `run_dir` on its UTKFace folder; returns its metrics."""
     run_dir = Path(run_dir)
-    config = read_config(run_dir)
+    config = distributed.from_main(lambda: read_config(run_dir))  # DDP: only the main process reads the folder
+    distributed.check_batch_size(config["data"]["batch_size"])
     _check_data_kind(config)
     train_cfg, data_cfg = config["train"], config["data"]
     set_threads(train_cfg["threads"])
@@ -213,6 +215,8 @@ def train_multitask_run(run_dir: Path, resume: bool = False) -> dict:
     started = time.perf_counter()
     state = fit(model, task, train_set, val_set, stages, settings, run_dir, state, augment_config)
     train_seconds = time.perf_counter() - started
+    if not distributed.is_main():
+        return {}  # DDP: the main process judges the result and writes it
     load_weights(run_dir / "model.safetensors", model)  # judge exactly what was saved (EMA, if on)
 
     total, _, _ = count_parameters(model)

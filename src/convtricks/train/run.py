@@ -24,6 +24,7 @@ from convtricks.atomic import write_text
 from convtricks.data.dataset import load_image_set
 from convtricks.errors import UserError
 from convtricks.models.registry import create_model
+from convtricks.train import distributed
 from convtricks.train.checkpoint import load_checkpoint, load_weights
 from convtricks.train.features import predict_through_cache
 from convtricks.train.fit import (Batcher, TrainingState, autocast_for, check_finetune_order, fit, measure,
@@ -50,7 +51,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def set_threads(threads: int | None) -> None:
-    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+    # Processes started together on one machine (torchrun) share its cores.
+    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // distributed.local_world()))
 
 
 def new_run_dir(runs_dir: Path, recipe_name: str) -> Path:
@@ -131,7 +133,7 @@ def ready_to_fit(run_dir: Path, config: dict, model: torch.nn.Module, resume: bo
     stages = recipes.stage_plan(config)
     state = TrainingState()
     if resume:
-        saved = load_checkpoint(run_dir / "checkpoint.pt")
+        saved = distributed.from_main(lambda: load_checkpoint(run_dir / "checkpoint.pt"))  # DDP: read once, sent to all
         model.load_state_dict(saved["model"])
         state = TrainingState(epoch=saved["epoch"], history=saved["history"], best=saved["best"],
                               optimizer=saved["optimizer"], stage=saved["stage"], ema=saved.get("ema"))
@@ -149,7 +151,8 @@ def ready_to_fit(run_dir: Path, config: dict, model: torch.nn.Module, resume: bo
 def train_run(run_dir: Path, resume: bool = False) -> dict:
     """Train (or continue) the run in `run_dir`; returns its metrics."""
     run_dir = Path(run_dir)
-    config = read_config(run_dir)
+    config = distributed.from_main(lambda: read_config(run_dir))  # DDP: only the main process reads the folder
+    distributed.check_batch_size(config["data"]["batch_size"])
     train_cfg = config["train"]
     set_threads(train_cfg["threads"])
     device = pick_device(train_cfg["device"])
@@ -161,7 +164,8 @@ def train_run(run_dir: Path, resume: bool = False) -> dict:
              len(train_images), len(val_images), len(train_images.classes), ", ".join(train_images.classes),
              time.perf_counter() - loading)
     task, num_outputs = task_for(config, train_images.classes)
-    write_text(run_dir / "classes.json", json.dumps(train_images.classes))
+    if distributed.is_main():
+        write_text(run_dir / "classes.json", json.dumps(train_images.classes))
 
     torch.manual_seed(train_cfg["seed"])  # the initial weights follow from the seed
     model = build_model(config, num_outputs).to(device)
@@ -183,6 +187,8 @@ def train_run(run_dir: Path, resume: bool = False) -> dict:
     started = time.perf_counter()
     state = fit(model, task, train_set, val_set, stages, settings, run_dir, state, augment_config)
     train_seconds = time.perf_counter() - started
+    if not distributed.is_main():
+        return {}  # DDP: the main process judges the result and writes it
     load_weights(run_dir / "model.safetensors", model)  # judge exactly what was saved (EMA, if on)
 
     metrics = final_metrics(config, model, task, state, data_dir, train_images.classes, settings)

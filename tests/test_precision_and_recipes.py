@@ -1,0 +1,54 @@
+"""Numeric precision per device, and every shipped recipe runs end to end on tiny data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from convtricks.train.fit import autocast_for
+from tests.helpers import run_cli
+
+
+def test_auto_precision_is_fp32_on_a_cpu_and_bf16_autocast_on_a_gpu():
+    with autocast_for(torch.device("cpu"), "auto"):
+        assert not torch.is_autocast_enabled("cpu")
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+    with autocast_for(torch.device("cpu"), "bf16"):
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
+    with pytest.warns(UserWarning) if not torch.cuda.is_available() else _nothing():
+        on_gpu = autocast_for(torch.device("cuda"), "auto")
+    assert isinstance(on_gpu, torch.autocast) and on_gpu.device == "cuda" and on_gpu.fast_dtype == torch.bfloat16
+    assert not isinstance(autocast_for(torch.device("cuda"), "fp32"), torch.autocast)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_unknown_precision_is_one_sentence(capsys, tiny_split, tmp_path):
+    code, _, err = run_cli(capsys, "train", "baseline", "--data", tiny_split, "--runs", tmp_path, "--precision", "fp16")
+    assert code == 2 and "precision must be auto, fp32 or bf16" in err
+    assert not list(tmp_path.iterdir())
+
+
+# Each shipped recipe, shrunk to seconds: the keys it sets must all be accepted and work together.
+SHRINK = {
+    "baseline": [], "dropout-aug": [], "scratch-best": [],
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(SHRINK))
+def test_from_scratch_recipes_run_end_to_end(capsys, tiny_split, tmp_path, recipe, one_thread):
+    code, out, err = run_cli(capsys, "train", recipe, "--data", tiny_split, "--runs", tmp_path, "--epochs", "1",
+                             "--steps_per_epoch", "2", "--target_size", "[48,48]", *SHRINK[recipe])
+    assert code == 0, err
+    (run_dir,) = tmp_path.iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["recipe"] == recipe and 0.0 <= metrics["test_acc"] <= 1.0
+
