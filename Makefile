@@ -16,7 +16,7 @@ install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/convtricks prepare --out $(DATA)
-	$(BIN)/convtricks train baseline --data $(DATA) --epochs 3
+	$(BIN)/convtricks reproduce --quick --data $(DATA)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

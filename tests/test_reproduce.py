@@ -120,7 +120,7 @@ def test_a_rerun_skips_finished_stages(reproduced, tiny_split, faces, monkeypatc
     before = _state(reproduced)
     reproducing.reproduce(reproduced, tiny_split, faces, quick=True, only=STAGES, settings=TINY)
     after = _state(reproduced)
-    assert len(after["sessions"]) == len(before["sessions"]) + 1
+    assert len(after["sessions"]) == len(before["sessions"]) + 1 and after["sessions"][-1]["stages"] == []
     assert {n: r["folder"] for n, r in after["stages"].items()} == {n: r["folder"] for n, r in before["stages"].items()}
 
 

@@ -276,9 +276,10 @@ def _machine_lines(state: dict) -> list[str]:
     for number, session in enumerate(sessions, 1):
         load = session.get("load_average_at_start")
         end = session.get("load_average_at_end")
-        lines.append(f"Session {number}: started {session.get('started', '?')}, ran "
-                     f"{', '.join(session.get('stages', [])) or 'nothing'} in {duration(session.get('seconds'))}"
-                     f" ({duration(session.get('cpu_seconds'))} of CPU time)"
+        ran = ", ".join(session.get("stages", []))
+        what = f"ran {ran}" if ran else "found every stage finished"
+        lines.append(f"Session {number}: started {session.get('started', '?')}, {what} in "
+                     f"{duration(session.get('seconds'))} ({duration(session.get('cpu_seconds'))} of CPU time)"
                      + (f"; load average (1/5/15 min) {load} at start, {end} at end" if load else ""))
     return lines
 
