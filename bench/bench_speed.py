@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -44,6 +43,9 @@ from convtricks.train.freezing import freeze_except, set_train_mode
 from convtricks.train.optim import make_optimizer
 from convtricks.train.run import build_model
 from convtricks.train.tasks import BinaryTask
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench scripts
+from bench_baseline import median_rate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
@@ -190,15 +192,7 @@ def build_parts(workload: Workload, channels_last: bool) -> Parts:
 # Timing.
 
 
-def median_rate(images_per_call: int, call: Callable[[], None], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return images_per_call / statistics.median(times)
+# median_rate comes from bench_baseline.py (imported at the top): one timing rule for every bench.
 
 
 def _train_mode(parts: Parts) -> None:
