@@ -120,7 +120,7 @@ def test_a_rerun_skips_finished_stages(reproduced, tiny_split, faces, monkeypatc
     before = _state(reproduced)
     reproducing.reproduce(reproduced, tiny_split, faces, quick=True, only=STAGES, settings=TINY)
     after = _state(reproduced)
-    assert len(after["sessions"]) == len(before["sessions"]) + 1 and after["sessions"][-1]["stages"] == []
+    assert len(after["invocations"]) == len(before["invocations"]) + 1 and after["invocations"][-1]["stages"] == []
     assert {n: r["folder"] for n, r in after["stages"].items()} == {n: r["folder"] for n, r in before["stages"].items()}
 
 
@@ -184,7 +184,7 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint(tiny_split, tmp_path, 
     assert out / record["folder"] == run_dir  # the same run folder, continued
     assert [row["epoch"] for row in json.loads((run_dir / "history.json").read_text())] == [1, 2]
     assert "Resuming" in (run_dir / "log.txt").read_text()
-    assert record["seconds"] > first_seconds  # time on this machine adds up over sessions
+    assert record["seconds"] > first_seconds  # time on this machine adds up over invocations
 
 
 SWEEP_RECIPE = """

@@ -288,7 +288,7 @@ def _open_state(out: Path, mode: str, settings: dict, data_dir: Path, faces_dir:
         return state
     if Path(out).exists() and any(Path(out).iterdir()):
         raise UserError(f"{out} exists and is not a reproduce folder; pick another --out.")
-    return {"format": 1, **wanted, "stages": {}, "sessions": []}
+    return {"format": 1, **wanted, "stages": {}, "invocations": []}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +408,7 @@ def _run_stage(stage: Stage, stage_settings: dict, data_dir: Path, out: Path, st
         else:
             _sweep_stage(stage, data_dir, stage_dir, record, out, state, stage_settings)
     finally:
-        # Time on this machine adds up over sessions: an interrupted stage keeps what it spent.
+        # Time on this machine adds up over invocations: an interrupted stage keeps what it spent.
         record["seconds"] = round(record.get("seconds", 0.0) + time.perf_counter() - started, 1)
         record["cpu_seconds"] = round(record.get("cpu_seconds", 0.0) + cpu_seconds() - cpu_started, 1)
         save_state(out, state)
@@ -440,10 +440,10 @@ def reproduce(out: Path | None = None, data_dir: Path | None = None, faces_dir: 
 
     state = _open_state(out, mode, settings, data_dir, faces_dir)
     out.mkdir(parents=True, exist_ok=True)
-    session = {"started": datetime.now().isoformat(timespec="seconds"), "stages": [],
+    invocation = {"started": datetime.now().isoformat(timespec="seconds"), "stages": [],
                "load_average_at_start": _load_average(), "machine": machine()}
     state["plan"] = [s.name for s in wanted]
-    state["sessions"].append(session)
+    state["invocations"].append(invocation)
     save_state(out, state)
     handler = log_to_file(out / "log.txt")
     began, cpu_began = time.perf_counter(), cpu_seconds()
@@ -457,21 +457,21 @@ def reproduce(out: Path | None = None, data_dir: Path | None = None, faces_dir: 
             if stage not in pending:
                 log.info("Stage %s already finished (%s); kept as it is.", stage.name,
                          state["stages"][stage.name]["folder"])
-        session["stages"] = [stage.name for stage in pending]
+        invocation["stages"] = [stage.name for stage in pending]
         split, faces = _data_for(pending, settings, data_dir, faces_dir, out, state)
         for number, stage in enumerate(pending, 1):
             log.info("=== Stage %d/%d: %s (%s).", number, len(pending), stage.name, stage.what)
             source = faces if stage.kind == "multitask" else split
             _run_stage(stage, settings["stages"].get(stage.name, {}), source, out, state)
     finally:
-        session["seconds"] = round(time.perf_counter() - began, 1)
-        session["cpu_seconds"] = round(cpu_seconds() - cpu_began, 1)
-        session["load_average_at_end"] = _load_average()
+        invocation["seconds"] = round(time.perf_counter() - began, 1)
+        invocation["cpu_seconds"] = round(cpu_seconds() - cpu_began, 1)
+        invocation["load_average_at_end"] = _load_average()
         save_state(out, state)
         log.removeHandler(handler)
         handler.close()
     report, html = build_report(out)
-    log.info("Report: %s and %s (%s in total).", report, html, _duration(session["seconds"]))
+    log.info("Report: %s and %s (%s in total).", report, html, _duration(invocation["seconds"]))
     return state
 
 

@@ -265,21 +265,21 @@ def to_html(document: Document, title: str) -> str:
 
 
 def _machine_lines(state: dict) -> list[str]:
-    sessions = state.get("sessions") or [{}]
-    machine = sessions[-1].get("machine") or {}
+    invocations = state.get("invocations") or [{}]
+    machine = invocations[-1].get("machine") or {}
     lines = [
         f"CPU: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores"
         + (f", {machine['memory_gib']} GiB memory" if machine.get("memory_gib") else ""),
         f"GPU: {machine['gpu']}" if machine.get("gpu") else "GPU: none (CPU only)",
         f"torch {machine.get('torch', '?')}, Python {machine.get('python', '?')}, {machine.get('system', '?')}",
     ]
-    for number, session in enumerate(sessions, 1):
-        load = session.get("load_average_at_start")
-        end = session.get("load_average_at_end")
-        ran = ", ".join(session.get("stages", []))
+    for number, invocation in enumerate(invocations, 1):
+        load = invocation.get("load_average_at_start")
+        end = invocation.get("load_average_at_end")
+        ran = ", ".join(invocation.get("stages", []))
         what = f"ran {ran}" if ran else "found every stage finished"
-        lines.append(f"Session {number}: started {session.get('started', '?')}, {what} in "
-                     f"{duration(session.get('seconds'))} ({duration(session.get('cpu_seconds'))} of CPU time)"
+        lines.append(f"Invocation {number}: started {invocation.get('started', '?')}, {what} in "
+                     f"{duration(invocation.get('seconds'))} ({duration(invocation.get('cpu_seconds'))} of CPU time)"
                      + (f"; load average (1/5/15 min) {load} at start, {end} at end" if load else ""))
     return lines
 
@@ -470,10 +470,10 @@ def build_document(out: Path, state: dict) -> Document:
     document.heading(2, "Summary of the results")
     _summary_table(document, out, state, list(STAGE_NAMES))
     stage_seconds = sum(r.get("seconds", 0.0) for r in state.get("stages", {}).values())
-    total = sum(s.get("seconds", 0.0) for s in state.get("sessions", []))
-    cpu = sum(s.get("cpu_seconds", 0.0) for s in state.get("sessions", []))
+    total = sum(s.get("seconds", 0.0) for s in state.get("invocations", []))
+    cpu = sum(s.get("cpu_seconds", 0.0) for s in state.get("invocations", []))
     document.paragraph(
-        f"**Total time on this machine: {duration(total)}** over {len(state.get('sessions', []))} session(s): "
+        f"**Total time on this machine: {duration(total)}** over {len(state.get('invocations', []))} invocation(s): "
         f"stages {duration(stage_seconds)}, data preparation {duration(state.get('data_seconds', 0.0))}, "
         f"the rest loading and reporting; {duration(cpu)} of CPU time (all cores together: it grows far less "
         "than wall time when other jobs share the machine; see the load averages above). Train and validation "
