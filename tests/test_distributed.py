@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from convtricks.train import distributed
 from convtricks.train import run as run_module
-from tests.helpers import run_cli
+from tests.helpers import interrupt_after_first_epoch, run_cli
 
 # No augmentation and no dropout in `baseline`; fp32 and one thread keep the arithmetic comparable.
 TINY = ["--target_size", "64", "--batch_size", "8", "--val_batch_size", "16", "--steps_per_epoch", "2",
@@ -127,17 +127,9 @@ def test_two_processes_train_what_one_process_trains(single_process_run, tiny_sp
 
 
 def test_resume_under_torchrun_continues_a_run(single_process_run, tiny_split, tmp_path, monkeypatch):
-    real_fit = run_module.fit
-
-    def fit_interrupted_after_first_epoch(*fit_args, **kwargs):
-        def stop(state):
-            if state.epoch == 1:
-                raise KeyboardInterrupt
-        return real_fit(*fit_args, **kwargs, on_epoch=stop)
-
     workdir = tmp_path / "work"
     workdir.mkdir()
-    monkeypatch.setattr(run_module, "fit", fit_interrupted_after_first_epoch)
+    interrupt_after_first_epoch(monkeypatch)
     from convtricks.cli import main
 
     assert main(["train", "baseline", "--data", str(tiny_split), "--runs", str(workdir / "runs"), *TINY]) == 130

@@ -10,7 +10,7 @@ import pytest
 
 from convtricks.errors import UserError
 from convtricks.experiments import reproduce as reproducing
-from tests.helpers import run_cli
+from tests.helpers import interrupt_after_first_epoch, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -161,15 +161,7 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint(tiny_split, tmp_path, 
     from convtricks.train import run as run_module
 
     settings = {"split_per_class": None, "faces": None, "stages": {"baseline": {**FAST, "epochs": 2}}}
-    real_fit = run_module.fit
-
-    def fit_interrupted_after_first_epoch(*args, **kwargs):
-        def stop(state):
-            if state.epoch == 1:
-                raise KeyboardInterrupt
-        return real_fit(*args, **kwargs, on_epoch=stop)
-
-    monkeypatch.setattr(run_module, "fit", fit_interrupted_after_first_epoch)
+    real_fit = interrupt_after_first_epoch(monkeypatch)
     out = tmp_path / "r"
     with pytest.raises(KeyboardInterrupt):
         reproducing.reproduce(out, tiny_split, quick=True, only=["baseline"], settings=settings)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from convtricks.train import run as run_module
-from tests.helpers import run_cli
+from tests.helpers import interrupt_after_first_epoch, run_cli
 
 FAST = ["--target_size", "64", "--batch_size", "8", "--val_batch_size", "16", "--steps_per_epoch", "2"]
 
@@ -65,15 +65,7 @@ def test_interrupted_run_resumes_to_the_same_history(capsys, tiny_split, tmp_pat
     code, out, _ = run_cli(capsys, *args, "--runs", tmp_path / "whole")
     assert code == 0, out
 
-    real_fit = run_module.fit
-
-    def fit_interrupted_after_first_epoch(*fit_args, **kwargs):
-        def stop(state):
-            if state.epoch == 1:
-                raise KeyboardInterrupt
-        return real_fit(*fit_args, **kwargs, on_epoch=stop)
-
-    monkeypatch.setattr(run_module, "fit", fit_interrupted_after_first_epoch)
+    real_fit = interrupt_after_first_epoch(monkeypatch)
     code, out, _ = run_cli(capsys, *args, "--runs", tmp_path / "cut")
     assert code == 130
     (cut,) = (tmp_path / "cut").iterdir()
