@@ -52,3 +52,12 @@ def test_from_scratch_recipes_run_end_to_end(capsys, tiny_split, tmp_path, recip
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["recipe"] == recipe and 0.0 <= metrics["test_acc"] <= 1.0
 
+
+
+def test_a_mapping_on_the_command_line_overrides_the_loss_weights():
+    from convtricks.config import apply_overrides, read_recipe
+
+    config = apply_overrides(read_recipe("multitask"), [("multitask.weights", "{age: 1, gender: 1, race: 1}"),
+                                                        ("tasks", "age,race")])
+    assert config["multitask"]["weights"] == {"age": 1, "gender": 1, "race": 1}
+    assert config["multitask"]["tasks"] == ["age", "race"]

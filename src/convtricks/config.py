@@ -178,13 +178,13 @@ def _check_values(config: dict) -> None:
 
 
 def parse_value(text: str):
-    """Command-line text -> int, float, bool, null, list or string ('3e-4' is a float)."""
+    """Command-line text -> int, float, bool, null, list, mapping or string ('3e-4' is a float)."""
     for convert in (int, float):
         try:
             return convert(text)
         except ValueError:
             pass
-    if "," in text and not text.startswith("["):
+    if "," in text and not text.startswith(("[", "{")):
         return [parse_value(part.strip()) for part in text.split(",")]
     try:
         return yaml.safe_load(text)

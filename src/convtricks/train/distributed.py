@@ -86,8 +86,12 @@ def setup() -> None:
         logging.getLogger("convtricks").setLevel(logging.WARNING)
 
 
-def teardown() -> None:
+def teardown(finished: bool = True) -> None:
     if active():
+        if finished:
+            # Leave together: a process that tears its group down while another is still
+            # evaluating can abort in the transport's threads at exit.
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -97,8 +101,10 @@ def session():
     setup()
     try:
         yield
-    finally:
-        teardown()
+    except BaseException:
+        teardown(finished=False)  # the others may never reach a barrier
+        raise
+    teardown()
 
 
 def barrier() -> None:

@@ -140,9 +140,10 @@ def predict_through_cache(model: nn.Module, images: torch.Tensor, to_input, batc
     features = extract(trunk, images, to_input, batch_size, images_key, tta, use_cache)
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device  # the cache lives on the CPU; the head may not
     if tta:  # the mean of the image's and its mirror's logits
-        logits = (trunk.head(features[0]) + trunk.head(features[1])) / 2
+        logits = (trunk.head(features[0].to(device)) + trunk.head(features[1].to(device))) / 2
     else:
-        logits = trunk.head(features)
+        logits = trunk.head(features.to(device))
     model.train(was_training)
-    return logits.float()
+    return logits.float().cpu()  # where predict_logits leaves its logits too

@@ -91,7 +91,9 @@ class MultiTaskTask:
 
     def combine(self, losses: dict) -> torch.Tensor:
         if self.weighting == "uncertainty":
-            log_vars = self.log_vars.float()
+            # Validation losses are computed where the logits were gathered (the CPU), training
+            # losses on the model's device: the learned log-variances go to the losses.
+            log_vars = self.log_vars.float().to(next(iter(losses.values())).device)
             return sum(losses[t] * torch.exp(-log_vars[i]) + log_vars[i] for i, t in enumerate(self.tasks))
         return sum(self.weights[t] * losses[t] for t in self.tasks)
 
@@ -326,7 +328,7 @@ def load_multitask_run(run_dir: Path, weights: str = "final") -> LoadedMultitask
                             + (" or use --weights best." if (run_dir / "best.safetensors").exists() else "."))
         raise UserError(f"{run_dir} has no trained weights yet ({file}).")
     set_threads(config["train"]["threads"])
-    device = pick_device(config["train"]["device"])
+    device = pick_device("auto")  # as for classifiers: a run trained on a GPU predicts on a CPU
     model = build_multitask_model(config, pretrained=False)
     load_weights(run_dir / file, model)  # brings the age scale and learned loss weights back too
     model.to(device).eval()
