@@ -312,3 +312,18 @@ def test_the_command_line_trains_evaluates_and_predicts_faces(faces_dir, tmp_pat
     assert code == 0 and "age MAE" in out and "Others" in out
     code, out, err = run_cli(capsys, "predict", run_dir, next(faces_dir.glob("*.jpg")))
     assert code == 0 and "age" in out
+
+
+def test_the_finetune_recipe_unfreezes_the_whole_base_under_learned_weights(faces_dir, tmp_path, capsys):
+    from tests.helpers import run_cli
+
+    overrides = [item for pair in FAST for item in (f"--{pair[0]}", pair[1])]
+    code, out, err = run_cli(capsys, "train", "multitask-finetune", "--data", faces_dir, "--runs", tmp_path, *overrides)
+    assert code == 0, err
+    (run_dir,) = tmp_path.iterdir()
+    log_text = (run_dir / "log.txt").read_text()
+    assert "Stage 'top'" in log_text and "Stage 'finetune'" in log_text
+    finetune_line = next(line for line in log_text.splitlines() if "Stage 'finetune'" in line)
+    assert " 0 frozen" in finetune_line  # every layer of the base trains in the second stage
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["weighting"] == "uncertainty" and set(metrics["loss_weights"]) == {"age", "gender", "race"}
