@@ -277,7 +277,10 @@ def test_one_epoch_per_stage_trains_evaluates_and_predicts(faces_dir, tmp_path, 
     other.mkdir()
     for path in sorted(faces_dir.iterdir())[:5]:
         shutil.copyfile(path, other / path.name)
-    assert evaluate_multitask(run_dir, other)["images"] == 5  # another folder is judged whole
+    seen = set((run_dir / "seen_faces.txt").read_text().split())
+    new_to_run = [name for name in (p.name for p in other.iterdir()) if name not in seen]
+    # Another folder is judged whole, less the faces this run trained or validated on.
+    assert evaluate_multitask(run_dir, other)["images"] == len(new_to_run) > 0
 
     rows = predict_faces(run_dir, faces_dir)
     assert len(rows) == 50  # any image is a face to predict, labelled or not
@@ -327,3 +330,30 @@ def test_the_finetune_recipe_unfreezes_the_whole_base_under_learned_weights(face
     assert " 0 frozen" in finetune_line  # every layer of the base trains in the second stage
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["weighting"] == "uncertainty" and set(metrics["loss_weights"]) == {"age", "gender", "race"}
+
+
+def test_evaluating_a_copy_of_the_faces_leaves_out_those_the_run_learned_from(faces_dir, tmp_path, capsys):
+    from tests.helpers import run_cli
+
+    overrides = [item for pair in FAST for item in (f"--{pair[0]}", pair[1])]
+    code, out, err = run_cli(capsys, "train", "multitask", "--data", faces_dir, "--runs", tmp_path / "runs", *overrides)
+    assert code == 0, err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    seen = set((run_dir / "seen_faces.txt").read_text().split())
+    # The same faces somewhere else (another machine, a copy): only the test split's are new to the run.
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(faces_dir, copy)
+    own = evaluate_multitask(run_dir)
+    moved = evaluate_multitask(run_dir, copy)
+    readable = [p for p in copy.iterdir() if parse_name(p.name)]
+    assert moved["images"] == own["images"] == len(readable) - len(seen)
+    assert moved["left_out"] == len(seen) and moved["age_mae"] == pytest.approx(own["age_mae"], rel=1e-5)
+    code, out, err = run_cli(capsys, "evaluate", run_dir, "--data", copy)
+    assert code == 0 and f"{len(seen)} faces the run trained or validated on were left out" in out
+    # A folder holding only faces the run has seen has nothing to score: one sentence, exit 2.
+    only_seen = tmp_path / "seen-only"
+    only_seen.mkdir()
+    for name in list(seen)[:3]:
+        shutil.copyfile(faces_dir / name, only_seen / name)
+    code, out, err = run_cli(capsys, "evaluate", run_dir, "--data", only_seen)
+    assert code == 2 and "nothing in it is new to the model" in err

@@ -44,6 +44,7 @@ from convtricks.train.run import LabelledTensors, peak_rss_mb, pick_device, read
 log = logging.getLogger("convtricks")
 
 AGE_SCORE_YEARS = 25.0
+SEEN_FACES = "seen_faces.txt"  # in a run folder: the training and validation faces' file names
 AGE, GENDER, RACE = 0, 1, 2  # columns of the (N, 3) targets
 
 
@@ -219,6 +220,10 @@ def train_multitask_run(run_dir: Path, resume: bool = False) -> dict:
     train_seconds = time.perf_counter() - started
     if not distributed.is_main():
         return {}  # DDP: the main process judges the result and writes it
+    # The names of the faces this run learned from or was tuned on: `evaluate` leaves them out
+    # of any other folder (the same faces copied elsewhere, or the run moved to another machine).
+    seen = sorted(path.name for path in [*train_faces.paths, *val_faces.paths])
+    write_text(run_dir / SEEN_FACES, "\n".join(seen) + "\n")
     load_weights(run_dir / "model.safetensors", model)  # judge exactly what was saved (EMA, if on)
 
     total, _, _ = count_parameters(model)
@@ -339,7 +344,8 @@ def evaluate_multitask(run_dir: Path, data_dir: Path | None = None, weights: str
     """Age MAE, gender and race accuracy (per race too) on labelled faces.
 
     With no `data_dir`, or the run's own UTKFace folder, only its test split is used (faces the
-    model never saw); any other folder of UTKFace-named faces is evaluated whole.
+    model never saw); any other folder of UTKFace-named faces is evaluated whole, less the faces
+    the run trained or validated on (by file name, from the run's seen_faces.txt).
     """
     run = load_multitask_run(run_dir, weights)
     data_cfg = run.config["data"]
@@ -350,17 +356,29 @@ def evaluate_multitask(run_dir: Path, data_dir: Path | None = None, weights: str
     if own is not None and folder.resolve() == own.resolve():
         faces = load_faces(folder, data_cfg["target_size"], data_cfg["split"], splits=("test",),
                            use_cache=data_cfg["cache"])["test"]
-        which = "test split"
+        which, left_out = "test split", 0
         if not len(faces):
             raise UserError(f"The test split of {folder} is empty (data.split {data_cfg['split']}).")
     else:
         index = index_faces(folder)
-        faces = decode_faces(index.paths, index.labels, data_cfg["target_size"], use_cache=data_cfg["cache"])
-        which = "all faces"
+        paths, labels, which, left_out = index.paths, index.labels, "all faces", 0
+        seen_file = Path(run_dir) / SEEN_FACES
+        if seen_file.exists():
+            seen = set(seen_file.read_text().split())
+            unseen = [i for i, path in enumerate(paths) if path.name not in seen]
+            if not unseen:
+                raise UserError(f"Every face in {folder} was used to train or validate this run; "
+                                "nothing in it is new to the model.")
+            if len(unseen) < len(paths):
+                which, left_out = "faces new to the run", len(paths) - len(unseen)
+                paths, labels = [paths[i] for i in unseen], [labels[i] for i in unseen]
+        faces = decode_faces(paths, labels, data_cfg["target_size"], use_cache=data_cfg["cache"])
         if not len(faces):
             raise UserError(f"No readable faces in {folder}.")
     outputs = _outputs(run.model, faces.images, run.config, run.device)
     result = {"images": len(faces), "data": str(folder), "which": which, "tasks": run.task.tasks}
+    if left_out:
+        result["left_out"] = left_out
     result.update(measure(run.task, outputs, faces.targets))
     if "race" in run.task.tasks:
         result.update(race_report(outputs, faces.targets))
@@ -371,6 +389,8 @@ def evaluate_multitask(run_dir: Path, data_dir: Path | None = None, weights: str
 def evaluation_text(result: dict) -> str:
     """What `evaluate` prints: one line of numbers, then race accuracy per class and confusion."""
     parts = [f"{result['images']} faces ({result['which']} of {result['data']})", f"loss {result['loss']:.4f}"]
+    if result.get("left_out"):
+        parts[0] += f"; {result['left_out']} faces the run trained or validated on were left out"
     for key, fmt in (("age_mae", "age MAE {:.2f} years"), ("gender_acc", "gender acc {:.4f}"),
                      ("race_acc", "race acc {:.4f}")):
         if key in result:
