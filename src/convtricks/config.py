@@ -56,6 +56,10 @@ DEFAULTS: dict = {
         "force_finetune": False,  # allow unfreezing a pretrained base under a random top
         "ema": 0.0,  # decay of an exponential moving average of the weights; 0 = off
         "tta": False,  # evaluate on the image and its horizontal mirror, averaged
+        "mixup": 0.0,  # alpha of mixup's Beta(alpha, alpha) blend share; 0 = off (train/mixing.py)
+        "cutmix": 0.0,  # alpha of CutMix's patch share; 0 = off; with mixup too, each batch picks one
+        "progressive_start": 0,  # pixels (shorter side) of the first epoch's images; 0 = off
+        "progressive_until": 0.75,  # fraction of the stage after which images are full size
     },
     "stages": [],
     # Trick 5: which heads to train and how their losses combine (Loss1 + λ·Loss2 + γ·Loss3).
@@ -175,6 +179,18 @@ def _check_values(config: dict) -> None:
             raise UserError(f"optimizer must be one of rmsprop, adam, adamw, sgd, nesterov; got {merged['optimizer']}.")
         if merged["schedule"] not in ("constant", "cosine", "onecycle"):
             raise UserError(f"schedule must be constant, cosine or onecycle, got {merged['schedule']}.")
+        for key in ("mixup", "cutmix"):
+            if not (isinstance(merged[key], (int, float)) and not isinstance(merged[key], bool) and merged[key] >= 0):
+                raise UserError(f"{key} must be a non-negative number (the Beta distribution's alpha; 0 is off), "
+                                f"got {merged[key]}.")
+        start, until = merged["progressive_start"], merged["progressive_until"]
+        if not (isinstance(start, int) and not isinstance(start, bool) and (start == 0 or start >= 16)):
+            raise UserError(f"progressive_start must be 0 (off) or a size of at least 16 pixels, got {start}.")
+        if not (isinstance(until, (int, float)) and 0 < until <= 1):
+            raise UserError(f"progressive_until must be a fraction of the stage in (0, 1], got {until}.")
+        if start and config["model"].get("name") == "small-cnn":
+            raise UserError("progressive_start needs a model that ends in global pooling (deep-cnn or a pretrained "
+                            "base); small-cnn's dense layer fixes its input size.")
 
 
 def parse_value(text: str):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from convtricks.errors import UserError
@@ -22,12 +23,13 @@ from convtricks.data.augment import AugmentConfig, augment_batch
 from convtricks.train.features import extract, frozen_trunk, pick_flips
 from convtricks.train.freezing import freeze_except, set_train_mode
 from convtricks.train.history import keras_line, write_history
+from convtricks.train.mixing import mix_batch, mixed_loss, progressive_size, resize_batch
 from convtricks.train.optim import lr_factor, make_optimizer
 from convtricks.train.progress import StepProgress
 
 log = logging.getLogger("convtricks")
 
-DROPOUT, AUGMENT = 1, 2  # purposes of the per-epoch seeds
+DROPOUT, AUGMENT, MIX = 1, 2, 3  # purposes of the per-epoch seeds
 FLIP_ONLY = AugmentConfig(horizontal_flip=True)
 
 
@@ -164,7 +166,9 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
             augmenting = bool(augment_config is not None and augment_config.enabled and stage["augment"])
             flip_only = augmenting and augment_config == FLIP_ONLY
             features = None
-            usable = stage["feature_cache"] and not stage["ema"] and (flip_only or not augmenting)
+            mixing = bool(stage["mixup"] or stage["cutmix"])
+            usable = (stage["feature_cache"] and not stage["ema"] and (flip_only or not augmenting) and not mixing
+                      and not stage["progressive_start"])
             trunk = frozen_trunk(model) if usable else None
             if trunk is not None:
                 started = time.perf_counter()
@@ -190,6 +194,10 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
         total_steps = steps * stage["epochs"]
         torch.manual_seed(distributed.rank_seed(batches.epoch_seed(seed, epoch, DROPOUT)))
         augment_generator = torch.Generator().manual_seed(distributed.rank_seed(batches.epoch_seed(seed, epoch, AUGMENT)))
+        mix_rng = np.random.default_rng(distributed.rank_seed(batches.epoch_seed(seed, epoch, MIX)))
+        full_size = list(train_set.images.shape[-2:])
+        train_size = progressive_size(full_size, stage["progressive_start"], stage["progressive_until"],
+                                      epoch_in_stage, stage["epochs"])
         train_inputs = features[0] if features else train_set.images
         forward = trained  # the model, or the layers after a cached trunk (DDP-wrapped under torchrun)
         set_train_mode(model, True)
@@ -218,10 +226,14 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
                 inputs = to_input(train_inputs[indices])
                 if augmenting:
                     inputs = augment_batch(inputs, augment_config, augment_generator)
+                inputs = resize_batch(inputs, train_size)
+            mixed = mix_batch(inputs, stage["mixup"], stage["cutmix"], mix_rng) if mixing and not features else None
+            if mixed is not None:
+                inputs = mixed.inputs
             targets = train_set.targets[indices].to(device)
             with autocast_for(device, stage["precision"]):
                 outputs = forward(inputs)
-            loss = task.loss(outputs, targets)
+            loss = mixed_loss(task.loss, outputs, targets, mixed) if mixed is not None else task.loss(outputs, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if stage["grad_norms"]:
@@ -254,6 +266,8 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
         seconds = time.perf_counter() - started
 
         row = {"epoch": epoch + 1, "stage": stage["name"], "lr": optimizer.param_groups[0]["lr"]}
+        if train_size != full_size:
+            row["train_size"] = train_size[0]  # progressive resizing: this epoch's (shorter) side
         row.update({name: value / seen for name, value in sums.items()})
         row.update({f"val_{name}": value for name, value in val_metrics.items()})
         row.update({"seconds": round(seconds, 3), "train_images_per_s": round(seen / train_seconds, 1)})
