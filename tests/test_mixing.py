@@ -130,3 +130,35 @@ def test_progressive_resizing_is_refused_for_the_small_cnn(capsys, tiny_split, t
     code, _, err = run_cli(capsys, "train", "baseline", "--data", tiny_split, "--runs", tmp_path,
                            "--progressive_start", "64")
     assert code != 0 and "small-cnn's dense layer fixes its input size" in err
+
+
+def _load_time_to_accuracy():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "time_to_accuracy.py"
+    spec = importlib.util.spec_from_file_location("time_to_accuracy", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_to_accuracy_reads_runs_and_times_each_target(capsys, tmp_path):
+    bench = _load_time_to_accuracy()
+    for name, accuracies in (("slow", [0.6, 0.8, 0.85]), ("fast", [0.82, 0.86, 0.91])):
+        run = tmp_path / name / f"scratch-best-{name}"  # one level below the folder given, as `--runs` makes
+        run.mkdir(parents=True)
+        rows = [{"epoch": i + 1, "seconds": 60.0, "val_acc": acc} for i, acc in enumerate(accuracies)]
+        (run / "history.json").write_text(json.dumps(rows))
+        (run / "metrics.json").write_text(json.dumps({"test_acc": accuracies[-1] - 0.01}))
+    code = bench.main([f"slow={tmp_path / 'slow'}", f"fast={tmp_path / 'fast'}", "--targets", "0.844,0.9",
+                       "--out", str(tmp_path / "time.png")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "| slow | 3 | 3.0 min | never | 85.0% | 84.0% | 3.0 min |" in out
+    assert "| fast | 3 | 2.0 min | 3.0 min | 91.0% | 90.0% | 3.0 min |" in out
+    assert (tmp_path / "time.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="holds no history.json"):
+        bench.main([f"none={tmp_path}"])
