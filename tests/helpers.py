@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from convtricks.cli import main
 
 
@@ -25,3 +27,9 @@ def interrupt_after_first_epoch(monkeypatch):
 
     monkeypatch.setattr(run_module, "fit", fit_interrupted_after_first_epoch)
     return real_fit
+
+
+def history_without_timing(run_dir):
+    """A run's history.json rows without the columns that vary from run to run (timings)."""
+    rows = json.loads((run_dir / "history.json").read_text())
+    return [{k: v for k, v in row.items() if k not in ("seconds", "train_images_per_s")} for row in rows]

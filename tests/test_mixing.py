@@ -12,7 +12,7 @@ import torch
 from convtricks.train import run as run_module
 from convtricks.train.mixing import mix_batch, mixed_loss, progressive_size, resize_batch
 from convtricks.train.tasks import BinaryTask
-from tests.helpers import interrupt_after_first_epoch, run_cli
+from tests.helpers import history_without_timing as _history, interrupt_after_first_epoch, run_cli
 
 
 def images(n=6, size=16, seed=0):
@@ -83,11 +83,6 @@ def test_resize_batch_keeps_channels_last_and_leaves_full_size_alone():
 FAST = ["--target_size", "64", "--batch_size", "8", "--val_batch_size", "16", "--steps_per_epoch", "2",
         "--depth", "8", "--widths", "[8, 16, 16, 32]", "--ema", "0", "--tta", "false"]
 MIXING = ["--mixup", "0.2", "--cutmix", "1.0", "--progressive_start", "32", "--progressive_until", "0.5"]
-
-
-def _history(run_dir):
-    rows = json.loads((run_dir / "history.json").read_text())
-    return [{k: v for k, v in row.items() if k not in ("seconds", "train_images_per_s")} for row in rows]
 
 
 def test_a_mixing_progressive_run_is_deterministic_and_resumes_to_the_same_history(capsys, tiny_split, tmp_path,

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from convtricks.train import run as run_module
-from tests.helpers import interrupt_after_first_epoch, run_cli
+from tests.helpers import history_without_timing as _history, interrupt_after_first_epoch, run_cli
 
 FAST = ["--target_size", "64", "--batch_size", "8", "--val_batch_size", "16", "--steps_per_epoch", "2"]
 
@@ -40,11 +40,6 @@ def test_one_epoch_of_the_baseline_writes_the_run_folder(capsys, tiny_split, tmp
     assert metrics["test_images"] == 12 and 0 <= metrics["test_acc"] <= 1
     assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "Epoch 1/1" in (run_dir / "log.txt").read_text()
-
-
-def _history(run_dir):
-    rows = json.loads((run_dir / "history.json").read_text())
-    return [{k: v for k, v in row.items() if k not in ("seconds", "train_images_per_s")} for row in rows]
 
 
 def test_same_seed_same_history(capsys, tiny_split, tmp_path):

@@ -227,13 +227,13 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
                 if augmenting:
                     inputs = augment_batch(inputs, augment_config, augment_generator)
                 inputs = resize_batch(inputs, train_size)
-            mixed = mix_batch(inputs, stage["mixup"], stage["cutmix"], mix_rng) if mixing and not features else None
+            mixed = mix_batch(inputs, stage["mixup"], stage["cutmix"], mix_rng) if mixing else None  # never on cached features
             if mixed is not None:
                 inputs = mixed.inputs
             targets = train_set.targets[indices].to(device)
             with autocast_for(device, stage["precision"]):
                 outputs = forward(inputs)
-            loss = mixed_loss(task.loss, outputs, targets, mixed) if mixed is not None else task.loss(outputs, targets)
+            loss = mixed_loss(task.loss, outputs, targets, mixed)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if stage["grad_norms"]:

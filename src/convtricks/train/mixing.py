@@ -52,9 +52,10 @@ def mix_batch(inputs: torch.Tensor, mixup: float, cutmix: float, rng: np.random.
     return Mixed(mixed, partner, share)
 
 
-def mixed_loss(loss_fn, outputs, targets: torch.Tensor, mixed: Mixed) -> torch.Tensor:
-    """The loss blended as the images were: share x loss(own label) + rest x loss(partner's)."""
-    if mixed.share >= 1.0:
+def mixed_loss(loss_fn, outputs, targets: torch.Tensor, mixed: Mixed | None) -> torch.Tensor:
+    """The loss blended as the images were: share x loss(own label) + rest x loss(partner's);
+    the plain loss for an unmixed batch (None)."""
+    if mixed is None or mixed.share >= 1.0:
         return loss_fn(outputs, targets)
     return mixed.share * loss_fn(outputs, targets) + (1 - mixed.share) * loss_fn(outputs, targets[mixed.partner])
 
@@ -64,9 +65,11 @@ def progressive_size(final: list[int], start: int, until: float, epoch_in_stage:
     linearly to `final` at fraction `until` of the stage, in steps of 8 pixels; `final` after."""
     if not start or epochs <= 1 or start >= min(final):
         return list(final)
-    progress = min(1.0, epoch_in_stage / max(1.0, until * (epochs - 1)))
+    progress = epoch_in_stage / max(1.0, until * (epochs - 1))
+    if progress >= 1:
+        return list(final)
     scale = (start + (min(final) - start) * progress) / min(final)
-    return [max(8, int(round(side * scale / 8)) * 8) if progress < 1 else side for side in final]
+    return [max(8, int(round(side * scale / 8)) * 8) for side in final]
 
 
 def resize_batch(inputs: torch.Tensor, size: list[int]) -> torch.Tensor:
