@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from convtricks.report.curves import measured
 from convtricks.report.sweep import VariantResult, cumulative_seconds, plot_val_acc, time_to
 
 
@@ -45,7 +46,7 @@ def table(results: list[VariantResult], targets: list[float]) -> str:
         test = (result.metrics or {}).get("test_acc")
         cells = [result.name, str(len(result.history)),
                  *(minutes(time_to(result.history, target)) for target in targets),
-                 f"{100 * max(row['val_acc'] for row in result.history):.1f}%",
+                 f"{100 * max(measured(result.history, 'val_acc')[1]):.1f}%",
                  "-" if test is None else f"{100 * test:.1f}%",
                  minutes(cumulative_seconds(result.history)[-1])]
         lines.append("| " + " | ".join(cells) + " |")

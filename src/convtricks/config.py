@@ -36,6 +36,7 @@ DEFAULTS: dict = {
         "epochs": 30,
         "steps_per_epoch": None,  # None: one pass over the training images
         "validation_steps": None,  # None: the whole validation set
+        "validation_freq": 1,  # validate every n-th epoch (and always a stage's last)
         "optimizer": "rmsprop",
         "lr": 1e-4,
         "momentum": 0.0,
@@ -183,6 +184,9 @@ def _check_values(config: dict) -> None:
             if not (isinstance(merged[key], (int, float)) and not isinstance(merged[key], bool) and merged[key] >= 0):
                 raise UserError(f"{key} must be a non-negative number (the Beta distribution's alpha; 0 is off), "
                                 f"got {merged[key]}.")
+        freq = merged["validation_freq"]
+        if not (isinstance(freq, int) and not isinstance(freq, bool) and freq >= 1):
+            raise UserError(f"validation_freq must be a positive whole number of epochs, got {freq}.")
         start, until = merged["progressive_start"], merged["progressive_until"]
         if not (isinstance(start, int) and not isinstance(start, bool) and (start == 0 or start >= 16)):
             raise UserError(f"progressive_start must be 0 (off) or a size of at least 16 pixels, got {start}.")

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from convtricks.atomic import atomic_path  # noqa: E402
+from convtricks.report.curves import measured  # noqa: E402
 
 GRAD_LAYERS = ("first_conv", "middle_conv", "last_conv")  # the columns grad_norms logs, input to output
 
@@ -259,7 +260,7 @@ def plot_val_acc(results: list[VariantResult], targets: list[float], out: Path, 
     figure, axes = plt.subplots(figsize=(8, 4.5))
     for result in results:
         elapsed = [s / scale for s in cumulative_seconds(result.history)]
-        axes.plot(elapsed, _values(result.history, "val_acc"), "-o", markersize=3, label=result.name)
+        axes.plot(*measured(result.history, "val_acc", elapsed), "-o", markersize=3, label=result.name)
     for target in targets:
         axes.axhline(target, linestyle="--", color="grey", linewidth=1)
         axes.annotate(f"{100 * target:g}%", (0, target), xycoords=("axes fraction", "data"),

@@ -35,6 +35,7 @@ from convtricks.data.utkface import GENDERS, RACES, decode_faces, index_faces, l
 from convtricks.errors import UserError
 from convtricks.models.multitask import COLUMNS, check_tasks
 from convtricks.models.registry import create_model
+from convtricks.report.curves import measured
 from convtricks.train import distributed
 from convtricks.train.checkpoint import load_weights
 from convtricks.train.fit import Batcher, fit, measure, predict_logits
@@ -287,9 +288,8 @@ def plot_multitask_history(history: list[dict], tasks: list[str], out: Path, tit
     figure, axes_list = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for axes, (label, metrics) in zip(axes_list[0], panels):
         for metric in metrics:
-            line = axes.plot(epochs, [row.get(metric) for row in history], "o", markersize=3,
-                             label=f"Training {metric}")[0]
-            axes.plot(epochs, [row.get(f"val_{metric}") for row in history], "-", color=line.get_color(),
+            line = axes.plot(*measured(history, metric), "o", markersize=3, label=f"Training {metric}")[0]
+            axes.plot(*measured(history, f"val_{metric}"), "-", color=line.get_color(),
                       label=f"Validation {metric}")
         axes.set_xlabel("epoch")
         axes.set_title(f"Training and validation {label}")
