@@ -14,7 +14,7 @@ from convtricks.errors import UserError
 KERAS_RECIPE = dict(rotation_range=40, width_shift_range=0.2, height_shift_range=0.2,
                     shear_range=0.2, zoom_range=0.2, horizontal_flip=True)
 EVERYTHING = dict(KERAS_RECIPE, vertical_flip=True, crop_scale=(0.5, 1.0), brightness=0.2,
-                  contrast=0.2, saturation=0.2, noise_std=0.02)
+                  contrast=0.2, saturation=0.2, noise_std=0.02, erase_prob=0.5)
 
 
 def generator(seed: int = 0) -> torch.Generator:
@@ -71,6 +71,9 @@ def test_unknown_key_is_a_user_error_that_lists_the_known_ones():
     {"crop_scale": [0.5, 1.5]},
     {"crop_ratio": [1.0]},
     {"noise_std": float("nan")},
+    {"erase_prob": 1.5},
+    {"erase_scale": [0.0, 0.3]},
+    {"erase_ratio": [3.0, 0.3]},
 ])
 def test_bad_values_are_user_errors(values):
     with pytest.raises(UserError):
@@ -291,6 +294,29 @@ def test_noise_has_zero_mean_and_the_asked_std():
     residual = out - images
     assert abs(residual.mean().item()) < 0.002
     assert residual.std().item() == pytest.approx(0.05, rel=0.03)
+
+
+def test_erasing_fills_one_rectangle_of_the_asked_size_in_about_the_asked_share():
+    images = torch.full((400, 3, 40, 40), 0.5)
+    config = AugmentConfig(erase_prob=0.25, erase_scale=(0.1, 0.2))
+    out = augment_batch(images, config, generator())
+    changed = (out != images).any(dim=1)  # (N, H, W): noise pixels
+    erased = changed.flatten(1).any(dim=1)
+    assert 0.18 < erased.float().mean().item() < 0.32
+    for mask in changed[erased][:20]:
+        rows, cols = mask.any(dim=1).nonzero(), mask.any(dim=0).nonzero()
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        # A rectangle: every pixel of its bounding box is noise (noise can hit 0.5 only by chance).
+        assert mask.sum() >= box - 2
+        assert 0.1 * 1600 * 0.8 <= box <= 0.2 * 1600 * 1.25
+
+
+def test_erasing_leaves_the_other_options_draws_unchanged():
+    images = random_images(n=16)
+    plain = augment_batch(images, AugmentConfig(**KERAS_RECIPE), generator())
+    erased = augment_batch(images, AugmentConfig(**KERAS_RECIPE, erase_prob=1.0, erase_scale=(0.05, 0.05)), generator())
+    kept = (erased == plain).all(dim=1)
+    assert kept.float().mean() > 0.9 and not kept.all()
 
 
 def test_full_recipe_on_an_odd_shaped_real_sized_batch_runs():

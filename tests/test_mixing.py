@@ -121,6 +121,44 @@ def test_bad_mixing_values_are_one_sentence(capsys, tiny_split, tmp_path, option
     assert not any(tmp_path.iterdir())  # no run folder for a refused recipe
 
 
+def test_training_images_decoded_larger_are_augmented_then_downscaled_to_the_training_size(
+        capsys, tiny_split, tmp_path, monkeypatch):
+    from convtricks.train import fit as fit_module
+
+    seen = []
+
+    def recording_resize(inputs, size):
+        out = resize_batch(inputs, size)
+        seen.append((tuple(inputs.shape[-2:]), tuple(out.shape[-2:])))
+        return out
+
+    monkeypatch.setattr(fit_module, "resize_batch", recording_resize)
+    args = ["train", "scratch-best", "--data", tiny_split, "--epochs", "2", *FAST, "--mixup", "0"]
+    code, out, _ = run_cli(capsys, *args, "--runs", tmp_path / "large", "--train_decode_size", "96")
+    assert code == 0, out
+    # Stored at 96 px; trained at the recipe's growing sizes, 64 px (the target) in the last epoch.
+    assert {stored for stored, _ in seen} == {(96, 96)} and seen[-1][1] == (64, 64) and seen[0][1] < (64, 64)
+    seen.clear()
+    code, out, _ = run_cli(capsys, *args, "--runs", tmp_path / "plain")
+    assert code == 0, out
+    assert {stored for stored, _ in seen} == {(64, 64)}
+    (large,), (plain,) = (tmp_path / "large").iterdir(), (tmp_path / "plain").iterdir()
+    assert [row["loss"] for row in _history(large)] != [row["loss"] for row in _history(plain)]
+    metrics = json.loads((large / "metrics.json").read_text())
+    assert 0 <= metrics["val_acc"] <= 1
+
+
+@pytest.mark.parametrize("value, words", [
+    ("32", "train_decode_size must be [height, width] no smaller than target_size"),
+    ("big", "train_decode_size must be"),
+])
+def test_bad_train_decode_size_is_one_sentence(capsys, tiny_split, tmp_path, value, words):
+    code, _, err = run_cli(capsys, "train", "scratch-best", "--data", tiny_split, "--runs", tmp_path, *FAST,
+                           "--train_decode_size", value)
+    assert code != 0 and words in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
 def test_progressive_resizing_is_refused_for_the_small_cnn(capsys, tiny_split, tmp_path):
     code, _, err = run_cli(capsys, "train", "baseline", "--data", tiny_split, "--runs", tmp_path,
                            "--progressive_start", "64")

@@ -22,6 +22,10 @@ DEFAULTS: dict = {
     "model": {"name": "small-cnn"},
     "data": {
         "target_size": [150, 150],
+        # Training images decoded larger (null: at target_size) keep detail through the
+        # augmentation's resampling; each batch is then downscaled, antialiased, as the
+        # validation and test images were decoded (train/run.py).
+        "train_decode_size": None,
         "rescale": 1 / 255,
         "batch_size": 20,
         "val_batch_size": 100,
@@ -161,6 +165,17 @@ def _check_values(config: dict) -> None:
         data["target_size"] = size = [size, size]
     if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v >= 16 for v in size)):
         raise UserError(f"target_size must be [height, width] of at least 16 pixels, got {size}.")
+    decode = data["train_decode_size"]
+    if isinstance(decode, int) and not isinstance(decode, bool):
+        data["train_decode_size"] = decode = [decode, decode]
+    if decode is not None and not (isinstance(decode, list) and len(decode) == 2
+                                   and all(isinstance(v, int) and not isinstance(v, bool) for v in decode)
+                                   and decode[0] >= size[0] and decode[1] >= size[1]):
+        raise UserError(f"train_decode_size must be [height, width] no smaller than target_size {size}, "
+                        f"or null; got {decode}.")
+    if decode is not None and data["kind"] != "folders":
+        raise UserError("train_decode_size works with class folders (data.kind: folders); the face tasks decode "
+                        "every image at target_size.")
     for key in ("batch_size", "val_batch_size"):
         if not (isinstance(data[key], int) and data[key] >= 1):
             raise UserError(f"{key} must be a positive integer, got {data[key]}.")

@@ -57,6 +57,9 @@ class AugmentConfig:
         factor is uniform in [max(0, 1-b), 1+b]; brightness scales the pixels, contrast
         blends with the image's mean gray level, saturation with its grayscale version.
     noise_std: standard deviation of gaussian noise added to every pixel (images in [0, 1]).
+    erase_prob, erase_scale, erase_ratio: random erasing (Zhong et al. 2017): with probability
+        erase_prob an image gets one rectangle, covering a uniform fraction of its area in
+        erase_scale with aspect ratio log-uniform in erase_ratio, filled with uniform noise.
     """
 
     rotation_range: float = 0.0
@@ -74,6 +77,9 @@ class AugmentConfig:
     contrast: float = 0.0
     saturation: float = 0.0
     noise_std: float = 0.0
+    erase_prob: float = 0.0
+    erase_scale: tuple[float, float] = (0.02, 0.33)
+    erase_ratio: tuple[float, float] = (0.3, 3.3)
 
     def __post_init__(self) -> None:
         for name in ("rotation_range", "width_shift_range", "height_shift_range", "shear_range",
@@ -99,6 +105,11 @@ class AugmentConfig:
         if self.crop_scale is not None:
             self.crop_scale = _check_range("crop_scale", self.crop_scale, low=0.0, low_open=True, high=1.0)
         self.crop_ratio = _check_range("crop_ratio", self.crop_ratio, low=0.0, low_open=True)
+        _check_non_negative("erase_prob", self.erase_prob)
+        if self.erase_prob > 1:
+            raise UserError(f"Augmentation 'erase_prob' is a probability in [0, 1], got {self.erase_prob}.")
+        self.erase_scale = _check_range("erase_scale", self.erase_scale, low=0.0, low_open=True, high=1.0)
+        self.erase_ratio = _check_range("erase_ratio", self.erase_ratio, low=0.0, low_open=True)
 
     @classmethod
     def from_dict(cls, values: Mapping | None) -> "AugmentConfig":
@@ -132,7 +143,7 @@ class AugmentConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.warps or self.horizontal_flip or self.vertical_flip or self.brightness
-                    or self.contrast or self.saturation or self.noise_std)
+                    or self.contrast or self.saturation or self.noise_std or self.erase_prob)
 
 
 def _check_non_negative(name: str, value) -> None:
@@ -295,6 +306,28 @@ def _jitter_colour(images: torch.Tensor, config: AugmentConfig, draws: torch.Ten
     return images
 
 
+def _erase(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    # Its own draws, taken only when erasing is on, so switching it on leaves every other
+    # option's random stream (and so earlier recipes' results) exactly as it was.
+    n, _, height, width = images.shape
+    draws = torch.rand(n, 5, generator=generator, device=generator.device, dtype=images.dtype).to(images.device)
+    chosen, area_draw, ratio_draw, x_draw, y_draw = draws.unbind(dim=1)
+    area = config.erase_scale[0] + (config.erase_scale[1] - config.erase_scale[0]) * area_draw
+    log_low, log_high = math.log(config.erase_ratio[0]), math.log(config.erase_ratio[1])
+    ratio = torch.exp(log_low + (log_high - log_low) * ratio_draw)
+    # Fractions of the width and height; a rectangle too long for a side is clamped to it.
+    box_w = torch.sqrt(area * ratio).clamp(max=1.0)
+    box_h = torch.sqrt(area / ratio).clamp(max=1.0)
+    left, top = x_draw * (1 - box_w), y_draw * (1 - box_h)
+    xs = (torch.arange(width, device=images.device, dtype=images.dtype) + 0.5) / width
+    ys = (torch.arange(height, device=images.device, dtype=images.dtype) + 0.5) / height
+    inside_x = (xs >= left[:, None]) & (xs < (left + box_w)[:, None])  # (N, W)
+    inside_y = (ys >= top[:, None]) & (ys < (top + box_h)[:, None])    # (N, H)
+    mask = inside_y[:, :, None] & inside_x[:, None, :] & (chosen < config.erase_prob)[:, None, None]
+    noise = torch.rand(images.shape, generator=generator, device=generator.device, dtype=images.dtype)
+    return torch.where(mask[:, None], noise.to(images.device), images)
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -331,6 +364,8 @@ def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.
     if config.noise_std:
         noise = torch.randn(images.shape, generator=generator, device=generator.device, dtype=images.dtype)
         out = out + config.noise_std * noise.to(images.device)
+    if config.erase_prob:
+        out = _erase(out, config, generator)
     # Every branch above made a new tensor, so clamping in place never touches the caller's batch.
     out = out.clamp_(0, 1)
     if channels_last:

@@ -519,7 +519,7 @@ def warm_shared_caches(member_paths: list[Path]) -> None:
         place = (config["data"]["dir"], tuple(config["data"]["target_size"]))
         if place not in loaded:
             data_dir = Path(config["data"]["dir"])
-            train = load_split(data_dir, "train", config)
+            train = load_split(data_dir, "train", config, size=config["data"]["train_decode_size"])
             validation = load_split(data_dir, "validation", config, train.classes)
             load_split(data_dir, "test", config, train.classes, required=False)
             loaded[place] = (train, validation)

@@ -148,6 +148,8 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
     to_input = Batcher(settings["rescale"], device, settings["channels_last"])
     batch_size, val_batch_size = settings["batch_size"], settings["val_batch_size"]
     val_images, val_targets = val_set.images, val_set.targets
+    # The size the model trains at in the end; training images may be stored larger (data.train_decode_size).
+    full_size = list(settings.get("target_size") or train_set.images.shape[-2:])
     if settings.get("validation_steps"):
         keep = settings["validation_steps"] * val_batch_size
         val_images, val_targets = val_images[:keep], val_targets[:keep]
@@ -176,7 +178,7 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
             features = None
             mixing = bool(stage["mixup"] or stage["cutmix"])
             usable = (stage["feature_cache"] and not stage["ema"] and (flip_only or not augmenting) and not mixing
-                      and not stage["progressive_start"])
+                      and not stage["progressive_start"] and list(train_set.images.shape[-2:]) == full_size)
             trunk = frozen_trunk(model) if usable else None
             if trunk is not None:
                 started = time.perf_counter()
@@ -203,7 +205,6 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
         torch.manual_seed(distributed.rank_seed(batches.epoch_seed(seed, epoch, DROPOUT)))
         augment_generator = torch.Generator().manual_seed(distributed.rank_seed(batches.epoch_seed(seed, epoch, AUGMENT)))
         mix_rng = np.random.default_rng(distributed.rank_seed(batches.epoch_seed(seed, epoch, MIX)))
-        full_size = list(train_set.images.shape[-2:])
         train_size = progressive_size(full_size, stage["progressive_start"], stage["progressive_until"],
                                       epoch_in_stage, stage["epochs"])
         train_inputs = features[0] if features else train_set.images

@@ -88,14 +88,14 @@ def build_model(config: dict, num_outputs: int) -> torch.nn.Module:
 
 
 def load_split(data_dir: Path, split: str, config: dict, classes: list[str] | None = None,
-               required: bool = True):
+               required: bool = True, size: list[int] | None = None):
     folder = Path(data_dir) / split
     if not folder.exists():
         if required:
             raise UserError(f"{folder} does not exist; `convtricks prepare --out {data_dir}` builds the "
                             "train/validation/test folders.")
         return None
-    image_set = load_image_set(folder, config["data"]["target_size"], use_cache=config["data"]["cache"])
+    image_set = load_image_set(folder, size or config["data"]["target_size"], use_cache=config["data"]["cache"])
     if classes is not None and image_set.classes != classes:
         raise UserError(f"{folder} has classes {image_set.classes}, but the model was trained on {classes}.")
     return image_set
@@ -158,7 +158,7 @@ def train_run(run_dir: Path, resume: bool = False) -> dict:
     device = pick_device(train_cfg["device"])
     data_dir = Path(config["data"]["dir"])
     loading = time.perf_counter()
-    train_images = load_split(data_dir, "train", config)
+    train_images = load_split(data_dir, "train", config, size=config["data"]["train_decode_size"])
     val_images = load_split(data_dir, "validation", config, train_images.classes)
     log.info("Found %d training images and %d validation images in %d classes (%s); decoded in %.1f s.",
              len(train_images), len(val_images), len(train_images.classes), ", ".join(train_images.classes),
@@ -175,7 +175,7 @@ def train_run(run_dir: Path, resume: bool = False) -> dict:
         "device": device, "seed": train_cfg["seed"], "rescale": config["data"]["rescale"],
         "channels_last": train_cfg["channels_last"], "batch_size": config["data"]["batch_size"],
         "val_batch_size": config["data"]["val_batch_size"], "validation_steps": train_cfg["validation_steps"],
-        "cache": config["data"]["cache"],
+        "cache": config["data"]["cache"], "target_size": config["data"]["target_size"],
     }
     train_set = LabelledTensors(train_images.images, train_images.labels, train_images.cache_key)
     if config["data"]["subset"]:
