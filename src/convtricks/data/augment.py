@@ -242,6 +242,18 @@ def warp(images: torch.Tensor, theta: torch.Tensor, fill_mode: str = "nearest", 
     return sample(images)
 
 
+def _random_box(scale: tuple[float, float], ratio_range: tuple[float, float], area_draws: torch.Tensor,
+                ratio_draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Width and height, as fractions of the image's, of boxes covering a uniform share of the
+    area in `scale` with aspect ratio (width/height) log-uniform in `ratio_range`."""
+    area = scale[0] + (scale[1] - scale[0]) * area_draws
+    log_low, log_high = math.log(ratio_range[0]), math.log(ratio_range[1])
+    ratio = torch.exp(log_low + (log_high - log_low) * ratio_draws)
+    # A box that does not fit is clamped to the full side (torchvision retries instead;
+    # clamping keeps the batch vectorized and only shrinks the rare extreme boxes).
+    return torch.sqrt(area * ratio).clamp(max=1.0), torch.sqrt(area / ratio).clamp(max=1.0)
+
+
 def _random_theta(config: AugmentConfig, draws: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     height, width = size
     symmetric = draws * 2 - 1  # uniform in [-1, 1]
@@ -254,13 +266,7 @@ def _random_theta(config: AugmentConfig, draws: torch.Tensor, size: tuple[int, i
     zoom_y = zoom_low + (zoom_high - zoom_low) * draws[:, _ZOOM_Y]
     crop_center, crop_size = (0.0, 0.0), (1.0, 1.0)
     if config.crop_scale is not None:
-        area = config.crop_scale[0] + (config.crop_scale[1] - config.crop_scale[0]) * draws[:, _CROP_AREA]
-        log_low, log_high = math.log(config.crop_ratio[0]), math.log(config.crop_ratio[1])
-        ratio = torch.exp(log_low + (log_high - log_low) * draws[:, _CROP_RATIO])
-        # A crop that does not fit is clamped to the full side (torchvision retries instead;
-        # clamping keeps the batch vectorized and only shrinks the rare extreme crops).
-        crop_w = torch.sqrt(area * ratio).clamp(max=1.0)
-        crop_h = torch.sqrt(area / ratio).clamp(max=1.0)
+        crop_w, crop_h = _random_box(config.crop_scale, config.crop_ratio, draws[:, _CROP_AREA], draws[:, _CROP_RATIO])
         crop_size = (crop_w, crop_h)
         crop_center = (symmetric[:, _CROP_X] * (1 - crop_w) * width / 2,
                        symmetric[:, _CROP_Y] * (1 - crop_h) * height / 2)
@@ -312,12 +318,7 @@ def _erase(images: torch.Tensor, config: AugmentConfig, generator: torch.Generat
     n, _, height, width = images.shape
     draws = torch.rand(n, 5, generator=generator, device=generator.device, dtype=images.dtype).to(images.device)
     chosen, area_draw, ratio_draw, x_draw, y_draw = draws.unbind(dim=1)
-    area = config.erase_scale[0] + (config.erase_scale[1] - config.erase_scale[0]) * area_draw
-    log_low, log_high = math.log(config.erase_ratio[0]), math.log(config.erase_ratio[1])
-    ratio = torch.exp(log_low + (log_high - log_low) * ratio_draw)
-    # Fractions of the width and height; a rectangle too long for a side is clamped to it.
-    box_w = torch.sqrt(area * ratio).clamp(max=1.0)
-    box_h = torch.sqrt(area / ratio).clamp(max=1.0)
+    box_w, box_h = _random_box(config.erase_scale, config.erase_ratio, area_draw, ratio_draw)
     left, top = x_draw * (1 - box_w), y_draw * (1 - box_h)
     xs = (torch.arange(width, device=images.device, dtype=images.dtype) + 0.5) / width
     ys = (torch.arange(height, device=images.device, dtype=images.dtype) + 0.5) / height
