@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from convtricks.data.augment import AugmentConfig, affine_grid, affine_theta, augment_batch, warp
+from convtricks.data.augment import AugmentConfig, affine_grid, affine_theta, augment_batch, resize_batch, warp
 from convtricks.errors import UserError
 
 KERAS_RECIPE = dict(rotation_range=40, width_shift_range=0.2, height_shift_range=0.2,
@@ -366,3 +366,22 @@ def test_preview_refuses_bad_requests_with_a_user_error(tmp_path, n, out, shape)
     with pytest.raises(UserError):
         render_preview(torch.rand(shape), AugmentConfig(horizontal_flip=True), n=n, out=tmp_path / out, seed=0)
     assert not (tmp_path / out).exists()
+
+
+def test_a_larger_source_is_warped_straight_into_the_requested_size():
+    width = 32
+    ramp = torch.linspace(0, 1, width).expand(4, 3, 24, width).contiguous()
+    # A crop of the whole image is an identity warp: into a half-size grid it must equal the
+    # antialiased downscale wherever both see a straight ramp (away from the edges).
+    whole = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0))
+    out = augment_batch(ramp, whole, generator(), size=(12, 16))
+    assert out.shape == (4, 3, 12, 16)
+    torch.testing.assert_close(out[..., 1:-1], resize_batch(ramp, (12, 16))[..., 1:-1])
+    # Every path returns the requested size.
+    for options in (EVERYTHING, {"horizontal_flip": True}, {"brightness": 0.3}, {}):
+        config = AugmentConfig(**options)
+        small = augment_batch(random_images(), config, generator(5), size=(8, 8))
+        assert small.shape[-2:] == (8, 8) and small.min() >= 0 and small.max() <= 1
+    flipped = augment_batch(ramp, AugmentConfig(horizontal_flip=True), generator(5), size=(12, 16))
+    assert torch.equal(flipped, torch.where(flipped[:, :1, :1, :1] > 0.5, resize_batch(ramp, (12, 16)).flip(3),
+                                            resize_batch(ramp, (12, 16))))

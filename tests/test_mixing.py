@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from convtricks.train import run as run_module
+from convtricks.data.augment import augment_batch
 from convtricks.train.mixing import mix_batch, mixed_loss, progressive_size, resize_batch
 from convtricks.train.tasks import BinaryTask
 from tests.helpers import history_without_timing as _history, interrupt_after_first_epoch, run_cli
@@ -121,27 +122,35 @@ def test_bad_mixing_values_are_one_sentence(capsys, tiny_split, tmp_path, option
     assert not any(tmp_path.iterdir())  # no run folder for a refused recipe
 
 
-def test_training_images_decoded_larger_are_augmented_then_downscaled_to_the_training_size(
+def test_training_images_decoded_larger_are_warped_into_the_target_size_then_grown_to_it(
         capsys, tiny_split, tmp_path, monkeypatch):
     from convtricks.train import fit as fit_module
 
-    seen = []
+    warped, resized = [], []
+
+    def recording_augment(inputs, config, generator, size=None):
+        out = augment_batch(inputs, config, generator, size=size)
+        warped.append((tuple(inputs.shape[-2:]), tuple(out.shape[-2:])))
+        return out
 
     def recording_resize(inputs, size):
         out = resize_batch(inputs, size)
-        seen.append((tuple(inputs.shape[-2:]), tuple(out.shape[-2:])))
+        resized.append((tuple(inputs.shape[-2:]), tuple(out.shape[-2:])))
         return out
 
+    monkeypatch.setattr(fit_module, "augment_batch", recording_augment)
     monkeypatch.setattr(fit_module, "resize_batch", recording_resize)
     args = ["train", "scratch-best", "--data", tiny_split, "--epochs", "2", *FAST, "--mixup", "0"]
     code, out, _ = run_cli(capsys, *args, "--runs", tmp_path / "large", "--train_decode_size", "96")
     assert code == 0, out
-    # Stored at 96 px; trained at the recipe's growing sizes, 64 px (the target) in the last epoch.
-    assert {stored for stored, _ in seen} == {(96, 96)} and seen[-1][1] == (64, 64) and seen[0][1] < (64, 64)
-    seen.clear()
+    # Stored at 96 px and augmented straight into the 64 px target; the first epoch then
+    # trains smaller (progressive resizing), the last at the target.
+    assert set(warped) == {((96, 96), (64, 64))}
+    assert {stored for stored, _ in resized} == {(64, 64)} and resized[0][1] < (64, 64) and resized[-1][1] == (64, 64)
+    warped.clear()
     code, out, _ = run_cli(capsys, *args, "--runs", tmp_path / "plain")
     assert code == 0, out
-    assert {stored for stored, _ in seen} == {(64, 64)}
+    assert set(warped) == {((64, 64), (64, 64))}
     (large,), (plain,) = (tmp_path / "large").iterdir(), (tmp_path / "plain").iterdir()
     assert [row["loss"] for row in _history(large)] != [row["loss"] for row in _history(plain)]
     metrics = json.loads((large / "metrics.json").read_text())

@@ -229,10 +229,12 @@ def affine_grid(theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return row_terms[:, :, None, :] + column_terms[:, None, :, :]                   # (N, H, W, 2)
 
 
-def warp(images: torch.Tensor, theta: torch.Tensor, fill_mode: str = "nearest", cval: float = 0.0) -> torch.Tensor:
-    """Resample a batch (N, C, H, W) through per-image affine matrices theta (N or 1, 2, 3), bilinearly."""
+def warp(images: torch.Tensor, theta: torch.Tensor, fill_mode: str = "nearest", cval: float = 0.0,
+         size=None) -> torch.Tensor:
+    """Resample a batch (N, C, H, W) through per-image affine matrices theta (N or 1, 2, 3), bilinearly,
+    into a grid of `size` (height, width; default the input's)."""
     theta = theta.to(device=images.device, dtype=images.dtype).expand(images.shape[0], 2, 3)
-    grid = affine_grid(theta, images.shape[-2:])
+    grid = affine_grid(theta, tuple(size) if size is not None else images.shape[-2:])
     sample = lambda source: F.grid_sample(source, grid, mode="bilinear", padding_mode=FILL_MODES[fill_mode],
                                           align_corners=False)
     if fill_mode == "constant" and cval:
@@ -332,38 +334,55 @@ def _erase(images: torch.Tensor, config: AugmentConfig, generator: torch.Generat
 # ---------------------------------------------------------------------------------------
 
 
-def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+def resize_batch(inputs: torch.Tensor, size) -> torch.Tensor:
+    """Downscale a batch (antialiased, as a camera would see the smaller image)."""
+    if list(inputs.shape[-2:]) == list(size):
+        return inputs
+    channels_last = inputs.is_contiguous(memory_format=torch.channels_last)
+    resized = F.interpolate(inputs, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+    return resized.contiguous(memory_format=torch.channels_last) if channels_last else resized
+
+
+def augment_batch(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator,
+                  size=None) -> torch.Tensor:
     """A randomly augmented copy of a training batch (N, 3, H, W), float in [0, 1].
 
-    Same shape, dtype and memory format (channels_last stays channels_last), values clamped
-    to [0, 1]. The same generator state gives the same output. With nothing enabled the
-    input itself is returned. Validation and test batches are never passed here.
+    `size` (height, width; default the input's) is the output's: images stored larger than
+    they train are warped straight into the smaller grid, so the one resampling costs what
+    it would at the training size and sees the sharper source. Without a warp they are
+    downscaled first. Same dtype and memory format (channels_last stays channels_last),
+    values clamped to [0, 1]. The same generator state gives the same output. With nothing
+    enabled the input itself is returned (resized if asked). Validation and test batches
+    are never passed here.
     """
     if images.dim() != 4 or not images.is_floating_point():
         raise ValueError(f"augment_batch expects a float (N, C, H, W) batch, got {images.dtype} {tuple(images.shape)}")
+    size = tuple(size) if size is not None else tuple(images.shape[-2:])
     if not config.enabled or images.shape[0] == 0:
-        return images
+        return resize_batch(images, size)
     channels_last = images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
-    size = tuple(images.shape[-2:])
     # Parameters come from the generator's device, then move: a CPU generator can drive a GPU batch.
     draw_dtype = torch.float64 if images.dtype == torch.float64 else torch.float32
     draws = torch.rand(images.shape[0], _DRAWS, generator=generator, device=generator.device, dtype=draw_dtype)
 
     if config.warps:
-        out = warp(images, _random_theta(config, draws, size), config.fill_mode, config.cval)
+        # Shifts in pixels are the source's; the matrix works in normalized coordinates, so the
+        # same one samples into a grid of any size.
+        theta = _random_theta(config, draws, tuple(images.shape[-2:]))
+        out = warp(images, theta, config.fill_mode, config.cval, size)
     elif config.horizontal_flip or config.vertical_flip:
         # Flips alone need no resampling: an exact, cheaper mirror.
-        out = images
+        out = resize_batch(images, size)
         for enabled, column, dim in ((config.horizontal_flip, _FLIP_H, 3), (config.vertical_flip, _FLIP_V, 2)):
             if enabled:
                 chosen = (draws[:, column] < 0.5).to(images.device)[:, None, None, None]
                 out = torch.where(chosen, out.flip(dim), out)
     else:
-        out = images
+        out = resize_batch(images, size)
     if config.brightness or config.contrast or config.saturation:
         out = _jitter_colour(out, config, draws.to(images.device))
     if config.noise_std:
-        noise = torch.randn(images.shape, generator=generator, device=generator.device, dtype=images.dtype)
+        noise = torch.randn(out.shape, generator=generator, device=generator.device, dtype=images.dtype)
         out = out + config.noise_std * noise.to(images.device)
     if config.erase_prob:
         out = _erase(out, config, generator)

@@ -19,11 +19,11 @@ import torch
 from convtricks.errors import UserError
 from convtricks.train import batches, distributed
 from convtricks.train.checkpoint import save_checkpoint, save_weights
-from convtricks.data.augment import AugmentConfig, augment_batch
+from convtricks.data.augment import AugmentConfig, augment_batch, resize_batch
 from convtricks.train.features import extract, frozen_trunk, pick_flips
 from convtricks.train.freezing import freeze_except, set_train_mode
 from convtricks.train.history import keras_line, write_history
-from convtricks.train.mixing import mix_batch, mixed_loss, progressive_size, resize_batch
+from convtricks.train.mixing import mix_batch, mixed_loss, progressive_size
 from convtricks.train.optim import lr_factor, make_optimizer
 from convtricks.train.progress import StepProgress
 
@@ -234,7 +234,10 @@ def fit(model, task, train_set, val_set, stages: list[dict], settings: dict, run
             else:
                 inputs = to_input(train_inputs[indices])
                 if augmenting:
-                    inputs = augment_batch(inputs, augment_config, augment_generator)
+                    # Images decoded larger are warped straight into the target size: the warp costs
+                    # what it does at that size. Progressive sizes below it come from an antialiased
+                    # downscale, since warping far below the source's size would alias.
+                    inputs = augment_batch(inputs, augment_config, augment_generator, size=full_size)
                 inputs = resize_batch(inputs, train_size)
             mixed = mix_batch(inputs, stage["mixup"], stage["cutmix"], mix_rng) if mixing else None  # never on cached features
             if mixed is not None:

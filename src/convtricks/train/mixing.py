@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+# Progressive resizing downscales with the augmentation module's resize; importable from here too.
+from convtricks.data.augment import resize_batch  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -71,11 +73,3 @@ def progressive_size(final: list[int], start: int, until: float, epoch_in_stage:
     scale = (start + (min(final) - start) * progress) / min(final)
     return [max(8, int(round(side * scale / 8)) * 8) for side in final]
 
-
-def resize_batch(inputs: torch.Tensor, size: list[int]) -> torch.Tensor:
-    """Downscale a batch (antialiased, as a camera would see the smaller image)."""
-    if list(inputs.shape[-2:]) == list(size):
-        return inputs
-    channels_last = inputs.is_contiguous(memory_format=torch.channels_last)
-    resized = F.interpolate(inputs, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
-    return resized.contiguous(memory_format=torch.channels_last) if channels_last else resized
