@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from convtricks.train import run as run_module
-from convtricks.data.augment import augment_batch
-from convtricks.train.mixing import mix_batch, mixed_loss, progressive_size, resize_batch
+from convtricks.data.augment import augment_batch, resize_batch
+from convtricks.train.mixing import mix_batch, mixed_loss, progressive_size
 from convtricks.train.tasks import BinaryTask
 from tests.helpers import history_without_timing as _history, interrupt_after_first_epoch, run_cli
 

@@ -16,9 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# Progressive resizing downscales with the augmentation module's resize; importable from here too.
-from convtricks.data.augment import resize_batch  # noqa: F401
-
 
 @dataclass(frozen=True)
 class Mixed:
