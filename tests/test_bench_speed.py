@@ -120,9 +120,16 @@ def test_a_compile_failure_fills_its_cell_instead_of_crashing(one_thread):
 
 
 def test_default_setting_is_read_from_the_config(monkeypatch):
-    # On a CPU, "auto" precision means fp32: the default is the fp32 channels_last computation.
+    from convtricks.train import fit
+
+    # On a CPU without bf16 units, "auto" precision means fp32: the fp32 channels_last computation.
+    monkeypatch.setattr(fit, "has_bf16_units", lambda device: False)
     default = bench.default_setting()
     assert bench.same_numerics(default, bench.SETTINGS[1], torch.device("cpu"))
+    # With them, "auto" is bf16 autocast.
+    monkeypatch.setattr(fit, "has_bf16_units", lambda device: True)
+    assert bench.same_numerics(bench.default_setting(), bench.SETTINGS[2], torch.device("cpu"))
+    monkeypatch.setattr(fit, "has_bf16_units", lambda device: False)
     monkeypatch.setitem(recipes.DEFAULTS["train"], "precision", "bf16")
     assert bench.same_numerics(bench.default_setting(), bench.SETTINGS[2], torch.device("cpu"))
     monkeypatch.setitem(recipes.DEFAULTS["train"], "channels_last", False)
@@ -135,7 +142,10 @@ def _cells(key: str, rates: dict[str, float], default_rate: float):
     return cells + [bench.Cell(key, bench.default_setting(), train_rate=default_rate)]
 
 
-def test_the_verdict_names_the_fastest_setting_and_judges_the_default():
+def test_the_verdict_names_the_fastest_setting_and_judges_the_default(monkeypatch):
+    from convtricks.train import fit
+
+    monkeypatch.setattr(fit, "has_bf16_units", lambda device: False)  # the default is fp32 channels_last
     (baseline,) = [w for w in bench.workloads() if w.key == "baseline"]
     labels = [s.label for s in bench.SETTINGS]
     default = bench.default_setting()

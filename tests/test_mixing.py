@@ -140,7 +140,7 @@ def test_training_images_decoded_larger_are_warped_into_the_target_size_then_gro
 
     monkeypatch.setattr(fit_module, "augment_batch", recording_augment)
     monkeypatch.setattr(fit_module, "resize_batch", recording_resize)
-    args = ["train", "scratch-best", "--data", tiny_split, "--epochs", "2", *FAST, "--mixup", "0"]
+    args = ["train", "scratch-best", "--data", tiny_split, "--epochs", "2", *FAST, "--mixup", "0", "--progressive_start", "32"]
     code, out, _ = run_cli(capsys, *args, "--runs", tmp_path / "large", "--train_decode_size", "96")
     assert code == 0, out
     # Stored at 96 px and augmented straight into the 64 px target; the first epoch then

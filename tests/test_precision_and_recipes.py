@@ -11,10 +11,22 @@ from convtricks.train.fit import autocast_for
 from tests.helpers import run_cli
 
 
-def test_auto_precision_is_fp32_on_a_cpu_and_bf16_autocast_on_a_gpu():
+def test_auto_precision_is_bf16_autocast_where_the_device_has_bf16_units(monkeypatch):
+    from convtricks.train import fit
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert not fit.has_bf16_units(torch.device("cpu"))
     with autocast_for(torch.device("cpu"), "auto"):
         assert not torch.is_autocast_enabled("cpu")
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert fit.has_bf16_units(torch.device("cpu"))
+    with autocast_for(torch.device("cpu"), "auto"):
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
+    with autocast_for(torch.device("cpu"), "fp32"):
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+    assert fit.has_bf16_units(torch.device("cuda")) and not fit.has_bf16_units(torch.device("mps"))
     with autocast_for(torch.device("cpu"), "bf16"):
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
     with pytest.warns(UserWarning) if not torch.cuda.is_available() else _nothing():

@@ -50,7 +50,7 @@ DEFAULTS: dict = {
         "trainable": ["*"],
         "augment": True,  # a stage may switch the recipe's augmentation off
         "seed": 0,
-        "precision": "auto",  # auto (bf16 autocast on a GPU, fp32 on a CPU) | fp32 | bf16 (autocast)
+        "precision": "auto",  # auto (bf16 autocast where the device has bf16 units, else fp32) | fp32 | bf16
         "channels_last": True,
         "compile": False,
         "threads": None,  # None: one per core

@@ -58,10 +58,23 @@ class TrainingState:
     ema: dict | None = None
 
 
+def has_bf16_units(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 in hardware: a CUDA GPU, or a CPU with AVX-512 BF16 or AMX.
+
+    On a CPU without them autocast emulates bf16 and measured 6-17x slower than fp32; on one with
+    AVX-512 BF16 it trained the from-scratch recipe 1.3x faster at the same accuracy (README).
+    """
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, no public name yet
+    return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
+
+
 def autocast_for(device: torch.device, precision: str):
-    # "auto": bf16 where the hardware runs it fast (a GPU); this CPU family has no bf16 units,
-    # where autocast measured six times slower than fp32 (bench/bench_baseline.py).
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    # "auto": bf16 autocast where the hardware has bf16 units, fp32 elsewhere.
+    if precision == "bf16" or (precision == "auto" and has_bf16_units(device)):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
