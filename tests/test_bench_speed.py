@@ -74,9 +74,9 @@ def test_lite0_step_trains_only_what_follows_the_frozen_prefix(one_thread):
 
 
 def test_every_model_and_setting_has_a_positive_rate(tiny_loads, tiny_cells):
-    settings = (*bench.SETTINGS, bench.default_setting())
-    assert len(tiny_cells) == len(tiny_loads) * len(settings)
+    assert len(tiny_cells) == len(tiny_loads) * (len(bench.SETTINGS) + 1)
     for workload in tiny_loads:
+        settings = (*bench.SETTINGS, bench.workload_default(workload))
         mine = {cell.setting: cell for cell in tiny_cells if cell.workload == workload.key}
         assert set(mine) == set(settings)
         for setting, cell in mine.items():
@@ -97,7 +97,7 @@ def test_the_table_prints_every_row_and_a_verdict(tiny_loads, tiny_cells):
     for workload in tiny_loads:
         start = lines.index(workload.title)
         rows = lines[start + 1:start + 6]
-        for row, setting in zip(rows, (*bench.SETTINGS, default)):
+        for row, setting in zip(rows, (*bench.SETTINGS, bench.workload_default(workload))):
             assert row.strip().startswith(setting.label + "  ")
     assert "compile (first step)" in table
     closing = lines[-1]
@@ -174,3 +174,13 @@ def test_accuracy_runs_train_each_model_in_both_precisions(tiny_split, tmp_path,
     table = bench.render([baseline], [], bench.default_setting(), 1, 1, runs, "1 epoch x 1 step")
     assert table.count("val_acc ") == 4 and "accuracy effect of bf16: 1 epoch x 1 step" in table
     assert "Fastest" not in table  # no speed cells were measured, so no verdict on them
+
+
+def test_the_default_row_resolves_auto_precision_for_each_model(monkeypatch):
+    from convtricks.train import fit
+
+    monkeypatch.setattr(fit, "has_bf16_units", lambda device: True)
+    defaults = {w.key: bench.workload_default(w) for w in bench.workloads()}
+    # Plain convolutions train in bf16 on such a CPU; EfficientNet's depthwise ones stay fp32.
+    assert defaults["baseline"].precision == "bf16" and defaults["deep"].precision == "bf16"
+    assert defaults["lite0"].precision == "fp32" and defaults["lite0"].label.startswith("default = fp32")

@@ -35,6 +35,21 @@ def test_auto_precision_is_bf16_autocast_where_the_device_has_bf16_units(monkeyp
     assert not isinstance(autocast_for(torch.device("cuda"), "fp32"), torch.autocast)
 
 
+def test_auto_precision_is_resolved_per_model(monkeypatch):
+    from convtricks.train import fit
+
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+    depthwise = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.Conv2d(6, 6, 3, groups=6))
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(fit, "has_bf16_units", lambda device: True)
+    assert fit.resolve_precision("auto", cpu, plain) == "bf16"
+    assert fit.resolve_precision("auto", cpu, depthwise) == "fp32"  # measured slower in bf16 on a CPU
+    assert fit.resolve_precision("auto", gpu, depthwise) == "bf16"
+    assert fit.resolve_precision("fp32", cpu, plain) == "fp32" and fit.resolve_precision("bf16", cpu, depthwise) == "bf16"
+    monkeypatch.setattr(fit, "has_bf16_units", lambda device: device.type == "cuda")
+    assert fit.resolve_precision("auto", cpu, plain) == "fp32"
+
+
 class _nothing:
     def __enter__(self):
         return self

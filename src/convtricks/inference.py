@@ -15,7 +15,7 @@ from convtricks.data.dataset import load_image_set
 from convtricks.data.decode import decode_image
 from convtricks.errors import UserError
 from convtricks.train.checkpoint import load_weights
-from convtricks.train.fit import Batcher, measure, predict_logits
+from convtricks.train.fit import Batcher, measure, predict_logits, resolve_precision
 from convtricks.train.run import build_model, pick_device, predictions, read_config, set_threads, task_for
 
 
@@ -54,6 +54,7 @@ def load_run(run_dir: Path, weights: str = "final", tta: bool | None = None) -> 
                         "or use --weights best.")
     load_weights(run_dir / file, model)
     model.to(device).eval()
+    config["train"]["precision"] = resolve_precision(config["train"]["precision"], device, model)
     batcher = Batcher(config["data"]["rescale"], device, config["train"]["channels_last"])
     return LoadedRun(config, model, task, classes, batcher, device)
 

@@ -38,7 +38,7 @@ from convtricks.models.registry import create_model
 from convtricks.report.curves import measured
 from convtricks.train import distributed
 from convtricks.train.checkpoint import load_weights
-from convtricks.train.fit import Batcher, fit, measure, predict_logits
+from convtricks.train.fit import Batcher, fit, measure, predict_logits, resolve_precision
 from convtricks.train.freezing import count_parameters, set_train_mode
 from convtricks.train.run import LabelledTensors, peak_rss_mb, pick_device, read_config, ready_to_fit, set_threads
 
@@ -250,7 +250,8 @@ def train_multitask_run(run_dir: Path, resume: bool = False) -> dict:
 def _outputs(model, images: torch.Tensor, config: dict, device: torch.device) -> torch.Tensor:
     set_train_mode(model, False)
     to_input = Batcher(config["data"]["rescale"], device, config["train"]["channels_last"])
-    return predict_logits(model, images, to_input, config["data"]["val_batch_size"], config["train"]["precision"],
+    precision = resolve_precision(config["train"]["precision"], device, model)
+    return predict_logits(model, images, to_input, config["data"]["val_batch_size"], precision,
                           device, tta=config["train"]["tta"])
 
 

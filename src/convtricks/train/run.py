@@ -28,7 +28,7 @@ from convtricks.train import distributed
 from convtricks.train.checkpoint import load_checkpoint, load_weights
 from convtricks.train.features import predict_through_cache
 from convtricks.train.fit import (Batcher, TrainingState, autocast_for, check_finetune_order, fit, measure,
-                                  predict_logits)
+                                  predict_logits, resolve_precision)
 from convtricks.train.freezing import set_train_mode
 from convtricks.train.tasks import BinaryTask, CategoricalTask
 
@@ -130,7 +130,13 @@ def ready_to_fit(run_dir: Path, config: dict, model: torch.nn.Module, resume: bo
     (or the check that the first stage may train what it unfreezes), and the augmentation."""
     if config["train"]["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    # `auto` precision becomes bf16 or fp32 for this model on this device; the run's config.yaml
+    # keeps `auto`, so a resume on other hardware decides again.
+    device = next(model.parameters()).device
+    config["train"]["precision"] = resolve_precision(config["train"]["precision"], device, model)
     stages = recipes.stage_plan(config)
+    for stage in stages:
+        stage["precision"] = resolve_precision(stage["precision"], device, model)
     state = TrainingState()
     if resume:
         saved = distributed.from_main(lambda: load_checkpoint(run_dir / "checkpoint.pt"))  # DDP: read once, sent to all
