@@ -532,7 +532,7 @@ def _warm_features(config: dict, train, validation, warmed: set) -> None:
     training images (bagging members index the full set's outputs)."""
     from convtricks.data.augment import AugmentConfig
     from convtricks.train.features import extract, frozen_trunk
-    from convtricks.train.fit import FLIP_ONLY, Batcher, autocast_for
+    from convtricks.train.fit import FLIP_ONLY, Batcher, autocast_for, resolve_precision
     from convtricks.train.freezing import freeze_except
     from convtricks.train.run import build_model, pick_device, task_for
 
@@ -565,7 +565,8 @@ def _warm_features(config: dict, train, validation, warmed: set) -> None:
         trunk = frozen_trunk(model) if usable else None
         if trunk is not None and not any(id(p) in trained for unit in trunk.prefix for p in unit.parameters()):
             started = time.perf_counter()
-            with autocast_for(device, stage["precision"]):
+            # The precision each member's own run resolves for this model, so its cache entries match.
+            with autocast_for(device, resolve_precision(stage["precision"], device, model)):
                 extract(trunk, validation_images, to_input, batch, validation.cache_key, False)
                 extract(trunk, train.images, to_input, batch, train.cache_key, flip_only)
             log.info("Stage '%s' of %s: outputs of the frozen layers ready in the shared cache (%.1f s).",
